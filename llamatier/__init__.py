@@ -1,0 +1,21 @@
+"""llamatier: trace real llama.cpp KV-cache reads and replay them through a four-tier memory model."""
+
+from llamatier.errors import LlamatierError
+from llamatier.kvtypes import KV_TYPES, KVType, kv_type
+from llamatier.model import KVGeometry, ModelInfo, read_model_info
+from llamatier.trace import Trace, TraceWriter, load_trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KV_TYPES",
+    "KVGeometry",
+    "KVType",
+    "LlamatierError",
+    "ModelInfo",
+    "Trace",
+    "TraceWriter",
+    "kv_type",
+    "load_trace",
+    "read_model_info",
+]

@@ -1,0 +1,26 @@
+"""Command-line interface: thin wrappers that parse, call the library and print.
+
+Each command lives in its own module and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from llamatier.cli.app import app
+
+# Command modules; each registers its commands with @app.command().
+_COMMAND_MODULES = [
+    "llamatier.cli.trace_cmd",
+]
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(_name)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]
