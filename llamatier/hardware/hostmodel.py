@@ -1,0 +1,191 @@
+"""Calibrated host step-time model: predicts llama_decode wall time on a CPU host.
+
+The model is linear in a few work counts, each split Amdahl-style into a part
+that does not shrink with threads and a part that does::
+
+    t(step) = sum_j x_j(step) * (serial_j + parallel_j / n_threads)
+
+Work counts ("terms") for a batch of ``n_tokens`` attending ``n_kv`` cells
+(``n_kv`` padded the way llama.cpp pads it, to a multiple of ``kv_pad_cells``):
+
+- ``step``      1 per llama_decode ubatch (graph launch, output logits, sampling)
+- ``token``     n_tokens (weight matmuls, norms, per-token work)
+- ``kv``        n_kv (reading the K/V cache once per ubatch)
+- ``token_kv``  n_tokens * n_kv (Q·K scores, softmax, weighted V)
+
+A term may be restricted to one cache type with ``@k=TYPE`` or ``@v=TYPE``
+(``kv@k=q8_0`` counts only steps whose K cache is q8_0), so each KV type gets
+its own per-cell cost. Coefficients come from ``llamatier calibrate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llamatier.errors import LlamatierError
+
+BASE_TERMS = ("step", "token", "kv", "token_kv")
+DEFAULT_KV_PAD_CELLS = 256  # llama.cpp pads attended KV cells to 256 with flash attention off
+
+
+def parse_term(term: str) -> tuple[str, str | None, str | None]:
+    """Split ``"kv@k=q8_0"`` into (base, cache "k"/"v" or None, type or None)."""
+    base, _, qual = term.partition("@")
+    if base not in BASE_TERMS:
+        raise LlamatierError(f"unknown host-model term {term!r}: base terms are {', '.join(BASE_TERMS)}")
+    if not qual:
+        return base, None, None
+    which, eq, typ = qual.partition("=")
+    if which not in ("k", "v") or not eq or not typ:
+        raise LlamatierError(f"malformed host-model term {term!r}: write BASE@k=TYPE or BASE@v=TYPE")
+    return base, which, typ
+
+
+def pad_kv_cells(n_kv: np.ndarray, pad_cells: int, n_ctx: np.ndarray | int | None = None) -> np.ndarray:
+    """Round attended cells up to llama.cpp's padding (capped at the cache size when known)."""
+    n_kv = np.asarray(n_kv, dtype=np.int64)
+    padded = -(-n_kv // pad_cells) * pad_cells
+    if n_ctx is not None:
+        padded = np.minimum(padded, np.asarray(n_ctx, dtype=np.int64))
+    return np.maximum(padded, n_kv)
+
+
+def _as_str_array(value: str | np.ndarray, n: int) -> np.ndarray:
+    if isinstance(value, str):
+        return np.full(n, value, dtype=object)
+    arr = np.asarray(value, dtype=object)
+    if arr.shape != (n,):
+        raise ValueError(f"type array has shape {arr.shape}, expected ({n},)")
+    return arr
+
+
+def design_matrix(
+    terms: tuple[str, ...],
+    *,
+    n_tokens: np.ndarray,
+    n_kv_padded: np.ndarray,
+    type_k: str | np.ndarray,
+    type_v: str | np.ndarray,
+) -> np.ndarray:
+    """Work counts ``X[step, term]`` for already-padded ``n_kv`` (float64)."""
+    nt = np.asarray(n_tokens, dtype=np.float64)
+    nkv = np.asarray(n_kv_padded, dtype=np.float64)
+    n = nt.shape[0]
+    tk = _as_str_array(type_k, n)
+    tv = _as_str_array(type_v, n)
+    base_values = {"step": np.ones(n), "token": nt, "kv": nkv, "token_kv": nt * nkv}
+    x = np.empty((n, len(terms)), dtype=np.float64)
+    for j, term in enumerate(terms):
+        base, which, typ = parse_term(term)
+        col = base_values[base]
+        if which is not None:
+            col = col * ((tk if which == "k" else tv) == typ)
+        x[:, j] = col
+    return x
+
+
+@dataclass(frozen=True)
+class HostComputeModel:
+    """Fitted host step-time model (see module docstring); frozen, vectorised."""
+
+    terms: tuple[str, ...]
+    serial_s: tuple[float, ...]  # seconds per unit of each term, independent of threads
+    parallel_s: tuple[float, ...]  # seconds per unit of each term at one thread, divided by n_threads
+    kv_pad_cells: int = DEFAULT_KV_PAD_CELLS
+    k_types: tuple[str, ...] = ()  # K cache types the fit saw
+    v_types: tuple[str, ...] = ()
+    thread_counts: tuple[int, ...] = ()  # thread counts the fit saw
+    n_ubatch: int = 0  # llama.cpp splits batches larger than this; 0 = never split
+    model_name: str = ""  # the model the fit is for (coefficients are per model)
+    model_weight_bytes: int = 0
+    fit_steps: int = 0
+    fit_dropped_steps: int = 0
+    fit_median_ape: float = float("nan")  # on the fitted steps (not held out)
+    fit_p95_ape: float = float("nan")
+    traces: tuple[str, ...] = ()
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not (len(self.terms) == len(self.serial_s) == len(self.parallel_s)):
+            raise LlamatierError(
+                f"host model has {len(self.terms)} terms but {len(self.serial_s)} serial and "
+                f"{len(self.parallel_s)} parallel coefficients: give one of each per term"
+            )
+        for t in self.terms:
+            parse_term(t)
+        if self.kv_pad_cells < 1:
+            raise LlamatierError(f"host model kv_pad_cells must be >= 1 (got {self.kv_pad_cells})")
+
+    def check_inputs(self, type_k: str | np.ndarray, type_v: str | np.ndarray, n_threads: np.ndarray | int) -> None:
+        """Raise LlamatierError when asked for a KV type or thread count the fit cannot speak for."""
+        for which, types, seen in (("K", type_k, self.k_types), ("V", type_v, self.v_types)):
+            asked = {types} if isinstance(types, str) else set(np.asarray(types, dtype=object).tolist())
+            unseen = sorted(asked - set(seen)) if seen else []
+            if unseen:
+                raise LlamatierError(
+                    f"host model was calibrated for {which} cache types {', '.join(seen)}, not "
+                    f"{', '.join(unseen)}: run `llamatier calibrate` on traces recorded with "
+                    f"--type-{which.lower()} {unseen[0]}"
+                )
+        threads = set(np.atleast_1d(np.asarray(n_threads)).astype(int).tolist())
+        if len(self.thread_counts) == 1 and threads - set(self.thread_counts):
+            raise LlamatierError(
+                f"host model was calibrated at n_threads={self.thread_counts[0]} only, so it cannot "
+                f"predict n_threads={sorted(threads - set(self.thread_counts))[0]}: calibrate on traces "
+                "recorded with at least two thread counts"
+            )
+
+    def predict_step_s(
+        self,
+        *,
+        n_tokens: np.ndarray,
+        n_kv: np.ndarray,
+        type_k: str | np.ndarray,
+        type_v: str | np.ndarray,
+        n_threads: np.ndarray | int,
+        n_ctx: np.ndarray | int | None = None,
+        n_ubatch: int | None = None,
+    ) -> np.ndarray:
+        """Predicted llama_decode wall time [s] per step.
+
+        ``n_kv`` is the number of cells visible after the batch (pos0 + n_tokens,
+        unpadded); the model pads it as llama.cpp does. Batches larger than
+        ``n_ubatch`` (default: the value seen in calibration) are split into
+        ubatches like llama.cpp does, each attending the cells filled so far.
+        """
+        nt = np.atleast_1d(np.asarray(n_tokens, dtype=np.int64))
+        nkv = np.atleast_1d(np.asarray(n_kv, dtype=np.int64))
+        if nt.shape != nkv.shape:
+            raise ValueError("n_tokens and n_kv must have the same shape")
+        self.check_inputs(type_k, type_v, n_threads)
+        n = nt.shape[0]
+        thr = np.broadcast_to(np.asarray(n_threads, dtype=np.float64), (n,))
+        tk = _as_str_array(type_k, n)
+        tv = _as_str_array(type_v, n)
+        ctx = None if n_ctx is None else np.broadcast_to(np.asarray(n_ctx, dtype=np.int64), (n,))
+        ub = self.n_ubatch if n_ubatch is None else int(n_ubatch)
+        owner = np.arange(n)
+        if ub > 0 and n and nt.max() > ub:
+            # split each step into ubatches of at most `ub` tokens, each attending cells filled so far
+            n_ub = np.maximum(1, -(-nt // ub))
+            owner = np.repeat(np.arange(n), n_ub)
+            first = np.repeat(np.cumsum(n_ub) - n_ub, n_ub)
+            j = np.arange(owner.size) - first
+            pos0 = (nkv - nt)[owner]
+            ub_tokens = np.minimum(ub, nt[owner] - j * ub)
+            nt_u, nkv_u = ub_tokens, pos0 + j * ub + ub_tokens
+        else:
+            nt_u, nkv_u = nt, nkv
+        padded = pad_kv_cells(nkv_u, self.kv_pad_cells, None if ctx is None else ctx[owner])
+        x = design_matrix(self.terms, n_tokens=nt_u, n_kv_padded=padded, type_k=tk[owner], type_v=tv[owner])
+        per_ub = x @ np.asarray(self.serial_s) + (x / thr[owner][:, None]) @ np.asarray(self.parallel_s)
+        return np.bincount(owner, weights=per_ub, minlength=n)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra", None)
+        return d

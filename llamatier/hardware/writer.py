@@ -1,0 +1,71 @@
+"""Write a Profile back to TOML in the same human units the loader reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from llamatier.hardware.loader import (
+    COMPUTE_FIELDS,
+    HOST_MODEL_FIELDS,
+    LINK_FIELDS,
+    TIER_FIELDS,
+    FieldSpec,
+)
+from llamatier.hardware.profile import LINK_NAMES, TIER_NAMES, Profile
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(float(f"{value:.12g}"))
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _human(value: Any, fs: FieldSpec) -> Any:
+    if fs.kind == "size":
+        return int(value)
+    if fs.kind == "float":
+        return float(value) / fs.scale
+    if fs.kind == "float_list":
+        return [float(v) / fs.scale for v in value]
+    return value
+
+
+def _section_lines(obj: Any, spec: dict[str, FieldSpec]) -> list[str]:
+    lines = []
+    for key, fs in spec.items():
+        value = getattr(obj, fs.attr)
+        if not fs.required and value in ((), "", None):
+            continue
+        lines.append(f"{key} = {_toml_value(_human(value, fs))}")
+    return lines
+
+
+def profile_to_toml(profile: Profile, *, header: str = "") -> str:
+    """TOML text that :func:`load_profile` reads back into an equal Profile."""
+    out: list[str] = []
+    if header:
+        out += [f"# {line}".rstrip() for line in header.splitlines()]
+        out.append("")
+    out.append(f"name = {_toml_value(profile.name)}")
+    out.append(f"description = {_toml_value(profile.description)}")
+    for tname in TIER_NAMES:
+        out += ["", f"[tiers.{tname}]"] + _section_lines(profile.tiers[tname], TIER_FIELDS)
+    for lname in LINK_NAMES:
+        out += ["", f"[links.{lname}]"] + _section_lines(profile.links[lname], LINK_FIELDS)
+    out += ["", "[compute]"] + _section_lines(profile.compute, COMPUTE_FIELDS)
+    hm = profile.compute.host_model
+    if hm is not None:
+        out += ["", "[compute.host_model]"] + _section_lines(hm, HOST_MODEL_FIELDS)
+    return "\n".join(out) + "\n"
