@@ -1,0 +1,258 @@
+"""A thin, safe layer over llama-cpp-python's low-level API.
+
+Loads a model and a context with explicit settings (flash attention, swa_full,
+KV types, cb_eval), tokenizes, decodes batches and samples. llama.cpp's log
+goes to a ring buffer so that a failure can be reported as one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llamatier.errors import LlamatierError, ModelLoadError
+from llamatier.kvtypes import KVType
+
+_LOG_LINES: deque[str] = deque(maxlen=200)
+_LOG_CB: Any = None
+_BACKEND_READY = False
+
+
+def _install_logger() -> None:
+    global _LOG_CB, _BACKEND_READY
+    import llama_cpp
+
+    if _LOG_CB is None:
+
+        def _log(level: int, text: bytes, _ud: Any) -> None:
+            try:
+                _LOG_LINES.append(text.decode("utf-8", "replace").rstrip("\n"))
+            except Exception:
+                pass
+
+        _LOG_CB = llama_cpp.llama_log_callback(_log)
+        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+    if not _BACKEND_READY:
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+
+
+def last_log_error() -> str:
+    """The last llama.cpp log line that looks like an error (or the last line)."""
+    for line in reversed(_LOG_LINES):
+        low = line.lower()
+        if "error" in low or "failed" in low or "invalid" in low:
+            return line.strip()
+    return _LOG_LINES[-1].strip() if _LOG_LINES else ""
+
+
+def system_info() -> str:
+    import llama_cpp
+
+    _install_logger()
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+@dataclass
+class ContextSettings:
+    """Settings for one llama.cpp context; mirrors llama_context_params fields we use."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 2
+    type_k: KVType | None = None
+    type_v: KVType | None = None
+    flash_attn: bool = False
+    swa_full: bool = True
+    offload_kqv: bool = True
+    seed: int = 42
+
+
+class LlamaModel:
+    """A loaded GGUF model (weights on the CPU)."""
+
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0) -> None:
+        import llama_cpp
+
+        _install_logger()
+        self.path = Path(path)
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        mp.use_mmap = True
+        ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not ptr:
+            why = last_log_error()
+            raise ModelLoadError(
+                f"llama.cpp could not load {self.path}: {why or 'unknown reason'} "
+                "(check that the GGUF is complete and its architecture is supported by llama-cpp-python "
+                f"{llama_cpp.__version__})"
+            )
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        import llama_cpp
+
+        raw = text.encode("utf-8")
+        n_max = len(raw) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, False)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, False)
+        return list(buf[:n])
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LlamaContext:
+    """One llama.cpp context with a single sequence and a reusable batch."""
+
+    def __init__(self, model: LlamaModel, settings: ContextSettings, *, cb_eval: Any = None, cb_user_data: Any = None) -> None:
+        import llama_cpp
+
+        self.model = model
+        self.settings = settings
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = settings.n_ctx
+        cp.n_batch = settings.n_batch
+        cp.n_ubatch = settings.n_ubatch
+        cp.n_seq_max = 1
+        cp.n_threads = settings.n_threads
+        cp.n_threads_batch = settings.n_threads
+        cp.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cp.swa_full = settings.swa_full
+        cp.offload_kqv = settings.offload_kqv
+        cp.no_perf = False
+        if settings.type_k is not None:
+            cp.type_k = settings.type_k.ggml_id
+        if settings.type_v is not None:
+            cp.type_v = settings.type_v.ggml_id
+        self._cb = cb_eval  # keep the CFUNCTYPE alive for the context's life
+        if cb_eval is not None:
+            cp.cb_eval = cb_eval
+            cp.cb_eval_user_data = cb_user_data
+        ctx = llama_cpp.llama_init_from_model(model.ptr, cp)
+        if not ctx:
+            raise LlamatierError(
+                f"llama.cpp could not create a context (n_ctx={settings.n_ctx}, type_k="
+                f"{settings.type_k.name if settings.type_k else 'f16'}, type_v="
+                f"{settings.type_v.name if settings.type_v else 'f16'}, flash_attn={settings.flash_attn}): "
+                f"{last_log_error() or 'unknown reason'}"
+            )
+        self.ptr = ctx
+        self.batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        self._sampler = None
+
+    def decode(self, tokens: list[int] | np.ndarray, pos0: int, *, logits_last: bool = True, logits_all: bool = False) -> None:
+        """Run one llama_decode over ``tokens`` at positions pos0.. (one sequence)."""
+        import llama_cpp
+
+        n = len(tokens)
+        if n > self.settings.n_batch:
+            raise ValueError(f"batch of {n} tokens exceeds n_batch {self.settings.n_batch}")
+        b = self.batch
+        b.n_tokens = n
+        for i in range(n):
+            b.token[i] = int(tokens[i])
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if (logits_all or (logits_last and i == n - 1)) else 0
+        rc = llama_cpp.llama_decode(self.ptr, b)
+        # Wait for the compute to finish (and let llama.cpp settle its perf counters) so
+        # that the caller's wall-clock time covers the whole step.
+        llama_cpp.llama_synchronize(self.ptr)
+        if rc != 0:
+            raise LlamatierError(
+                f"llama_decode failed with code {rc} at position {pos0}: {last_log_error() or 'no detail'} "
+                "(the KV cache may be full: raise --ctx)"
+            )
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Logits of output row i as a numpy view (valid until the next decode)."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def set_sampler(self, *, temperature: float, top_k: int, seed: int) -> None:
+        import llama_cpp
+
+        sp = llama_cpp.llama_sampler_chain_default_params()
+        chain = llama_cpp.llama_sampler_chain_init(sp)
+        if temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._sampler = chain
+
+    def sample(self) -> int:
+        import llama_cpp
+
+        if self._sampler is None:
+            self.set_sampler(temperature=0.0, top_k=1, seed=0)
+        return int(llama_cpp.llama_sampler_sample(self._sampler, self.ptr, -1))
+
+    def perf(self) -> dict[str, float]:
+        import llama_cpp
+
+        d = llama_cpp.llama_perf_context(self.ptr)
+        return {
+            "t_p_eval_ms": float(d.t_p_eval_ms),
+            "t_eval_ms": float(d.t_eval_ms),
+            "n_p_eval": int(d.n_p_eval),
+            "n_eval": int(d.n_eval),
+        }
+
+    def n_ctx(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_n_ctx(self.ptr))
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._sampler is not None:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if getattr(self, "batch", None) is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> LlamaContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
