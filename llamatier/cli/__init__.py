@@ -12,6 +12,7 @@ from llamatier.cli.app import app
 # Command modules; each registers its commands with @app.command().
 _COMMAND_MODULES = [
     "llamatier.cli.trace_cmd",
+    "llamatier.cli.profiles_cmd",
 ]
 
 for _name in _COMMAND_MODULES:
