@@ -1,6 +1,7 @@
 """llamatier: trace real llama.cpp KV-cache reads and replay them through a four-tier memory model."""
 
 from llamatier.errors import LlamatierError
+from llamatier.hardware import Profile, list_profiles, load_profile
 from llamatier.kvtypes import KV_TYPES, KVType, kv_type
 from llamatier.model import KVGeometry, ModelInfo, read_model_info
 from llamatier.trace import Trace, TraceWriter, load_trace
@@ -13,9 +14,12 @@ __all__ = [
     "KVType",
     "LlamatierError",
     "ModelInfo",
+    "Profile",
     "Trace",
     "TraceWriter",
     "kv_type",
+    "list_profiles",
+    "load_profile",
     "load_trace",
     "read_model_info",
 ]
