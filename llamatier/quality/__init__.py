@@ -1,0 +1,42 @@
+"""KV cache types' accuracy cost, measured in real llama.cpp runs against f16/f16.
+
+``measure_quality(model, "f16,q8_0,q4_0/f16")`` runs llama.cpp teacher-forced once
+per K/V pair; ``save_quality`` writes Parquet + JSON; ``lookup_quality(file, k, v)``
+returns one pair's measured row for other tools (replay) to show beside the saving.
+"""
+
+from llamatier.quality.measure import (
+    DEFAULT_TEXT_NAME,
+    QualityResult,
+    QualityRow,
+    check_pair_fits,
+    default_text,
+    measure_quality,
+    pair_storage,
+    parse_kv_pairs,
+    read_text_file,
+)
+from llamatier.quality.store import (
+    LOOKUP_KEYS,
+    load_quality_rows,
+    lookup_quality,
+    result_to_dict,
+    save_quality,
+)
+
+__all__ = [
+    "DEFAULT_TEXT_NAME",
+    "LOOKUP_KEYS",
+    "QualityResult",
+    "QualityRow",
+    "check_pair_fits",
+    "default_text",
+    "load_quality_rows",
+    "lookup_quality",
+    "measure_quality",
+    "pair_storage",
+    "parse_kv_pairs",
+    "read_text_file",
+    "result_to_dict",
+    "save_quality",
+]

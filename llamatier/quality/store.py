@@ -1,0 +1,133 @@
+"""Save quality results (Parquet + JSON) and look a K/V pair up in a saved result.
+
+An output directory holds:
+
+    quality.json             {"format": "llamatier-quality", "version": 1, "meta": {...}, "rows": [...]}
+    quality.parquet          one row per K/V pair, with the run's metadata as columns
+    quality_positions.parquet  one row per (pair, scored position): kl, top1_agree, nll, nll_ref
+
+``lookup_quality`` reads either of the first two (or a directory holding them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from llamatier.errors import LlamatierError
+from llamatier.kvtypes import kv_type
+from llamatier.quality.measure import QualityResult
+
+FORMAT_NAME = "llamatier-quality"
+FORMAT_VERSION = 1
+JSON_FILE = "quality.json"
+PARQUET_FILE = "quality.parquet"
+POSITIONS_FILE = "quality_positions.parquet"
+
+# Keys every lookup returns (the replay report shows them beside the saving).
+LOOKUP_KEYS = (
+    "model",
+    "type_k",
+    "type_v",
+    "pair",
+    "mean_kl",
+    "p99_kl",
+    "top1_agreement",
+    "ppl",
+    "ppl_ref",
+    "ppl_change_pct",
+    "bits_per_element",
+    "saving_vs_f16",
+    "n_tokens",
+)
+_META_COLUMNS = ("model", "model_file", "n_tokens", "flash_attn", "text_source", "text_sha256")
+
+
+def result_to_dict(result: QualityResult) -> dict[str, Any]:
+    """The JSON document for a result (no per-position arrays)."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "meta": result.meta(),
+        "rows": [asdict(r) for r in result.rows],
+    }
+
+
+def rows_frame(result: QualityResult) -> pl.DataFrame:
+    """One row per pair, with the run's identifying metadata repeated as columns."""
+    meta = result.meta()
+    frame = pl.DataFrame([asdict(r) for r in result.rows])
+    return frame.with_columns([pl.lit(meta[c]).alias(c) for c in _META_COLUMNS])
+
+
+def save_quality(result: QualityResult, out_dir: str | Path) -> list[Path]:
+    """Write quality.json, quality.parquet and quality_positions.parquet; return their paths."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LlamatierError(f"--out {out} is a file; give a directory to write results into")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / JSON_FILE, out / PARQUET_FILE]
+    paths[0].write_text(json.dumps(result_to_dict(result), indent=2) + "\n")
+    rows_frame(result).write_parquet(paths[1])
+    if result.positions is not None:
+        paths.append(out / POSITIONS_FILE)
+        result.positions.write_parquet(paths[2])
+    return paths
+
+
+def _bad_file(p: Path, why: str) -> LlamatierError:
+    return LlamatierError(
+        f"{p} is not a llamatier quality result ({why}); give a quality.json or quality.parquet "
+        "written by `llamatier quality --out DIR`"
+    )
+
+
+def load_quality_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All pair rows of a saved result (quality.json, quality.parquet, or a directory with one)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in (PARQUET_FILE, JSON_FILE):
+            if (p / name).is_file():
+                return load_quality_rows(p / name)
+        raise LlamatierError(f"no {PARQUET_FILE} or {JSON_FILE} in {p}; run `llamatier quality --out {p}` first")
+    if not p.is_file():
+        raise LlamatierError(f"quality result not found: {p} (write one with `llamatier quality --out DIR`)")
+    if p.suffix == ".parquet":
+        try:
+            rows = pl.read_parquet(p).to_dicts()
+        except Exception as exc:
+            raise _bad_file(p, f"unreadable Parquet: {type(exc).__name__}") from None
+    elif p.suffix == ".json":
+        try:
+            doc = json.loads(p.read_text("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _bad_file(p, f"invalid JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise _bad_file(p, f"no \"format\": \"{FORMAT_NAME}\" key")
+        if doc.get("version") != FORMAT_VERSION:
+            raise _bad_file(p, f"version {doc.get('version')!r}, this llamatier reads {FORMAT_VERSION}")
+        meta = doc.get("meta") or {}
+        rows = [{**{c: meta.get(c) for c in _META_COLUMNS}, **r} for r in doc.get("rows") or []]
+    else:
+        raise _bad_file(p, f"unknown extension {p.suffix!r}")
+    missing = [k for k in LOOKUP_KEYS if rows and k not in rows[0]]
+    if not rows or missing:
+        raise _bad_file(p, f"missing columns {', '.join(missing)}" if missing else "no rows")
+    return rows
+
+
+def lookup_quality(path: str | Path, type_k: str, type_v: str) -> dict[str, Any] | None:
+    """The measured accuracy of K/V pair (type_k, type_v) in a saved result, or None if absent.
+
+    Keys: model, type_k, type_v, pair, mean_kl, p99_kl, top1_agreement, ppl, ppl_ref,
+    ppl_change_pct, bits_per_element, saving_vs_f16, n_tokens.
+    """
+    k, v = kv_type(type_k).name, kv_type(type_v).name
+    for row in load_quality_rows(path):
+        if row["type_k"] == k and row["type_v"] == v:
+            return {key: row[key] for key in LOOKUP_KEYS}
+    return None
