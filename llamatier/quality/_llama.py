@@ -60,8 +60,11 @@ def captured_llama_logs() -> Iterator[list[str]]:
 
 
 def _last_error(lines: list[str]) -> str:
+    """The most telling captured line: the last one that says 'error', else the last one."""
     useful = [ln for ln in lines if ln]
-    return f" (llama.cpp says: {useful[-1]})" if useful else ""
+    errors = [ln for ln in useful if "error" in ln.lower()]
+    picked = (errors or useful)[-1:]
+    return f" (llama.cpp says: {picked[0]})" if picked else ""
 
 
 class LoadedModel:

@@ -163,7 +163,7 @@ def check_pair_fits(geometry: KVGeometry, type_k: KVType, type_v: KVType, *, fla
     if type_v.quantized and not flash_attn:
         raise LlamatierError(
             f"quantized V cache ({type_v.name}) needs flash attention in llama.cpp: run with flash "
-            "attention on, or use f16 for V"
+            "attention on (drop --no-flash-attn), or use f16 for V"
         )
 
 
