@@ -164,7 +164,9 @@ class TraceWriter:
             layers.append(np.repeat(np.arange(nl, dtype=np.uint16), nb))
             idx.append(np.tile(np.arange(nb, dtype=np.uint32), nl))
             mass.append(arr.reshape(-1))
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
+        def cat(xs: list[np.ndarray], dt: type) -> np.ndarray:
+            return np.concatenate(xs) if xs else np.zeros(0, dtype=dt)
+
         return pl.DataFrame(
             {
                 "step": cat(steps, np.uint32),
