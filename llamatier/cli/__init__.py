@@ -13,6 +13,7 @@ from llamatier.cli.app import app
 _COMMAND_MODULES = [
     "llamatier.cli.trace_cmd",
     "llamatier.cli.profiles_cmd",
+    "llamatier.cli.calibrate_cmd",
     "llamatier.cli.quality_cmd",
 ]
 

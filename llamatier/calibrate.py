@@ -1,0 +1,356 @@
+"""Fit the host step-time model (HostComputeModel) from measured llama_decode times.
+
+``fit_host_model(traces)`` gathers every step of the traces (batch size,
+cells attended, KV types, threads, measured ``decode_s``), drops each trace's
+warm-up steps, and solves a non-negative least-squares problem on *relative*
+residuals (so 30 ms decode steps weigh as much as 3 s prefill steps). It then
+trims outliers (steps slowed by other processes on the machine) by a robust
+scale (median absolute deviation) and refits until the kept set is stable.
+``calibrate_profile`` wraps the fitted model into a Profile for ``replay``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llamatier.errors import LlamatierError
+from llamatier.hardware import (
+    HostComputeModel,
+    Profile,
+    load_profile,
+    pad_kv_cells,
+    profile_to_toml,
+)
+from llamatier.hardware.hostmodel import DEFAULT_KV_PAD_CELLS, design_matrix
+from llamatier.trace import Trace, load_trace
+
+_PAD_CANDIDATES = (256, 128, 64, 32, 16, 1)
+
+
+@dataclass(frozen=True)
+class StepData:
+    """Every step of one or more traces as flat arrays (one entry per llama_decode)."""
+
+    trace_index: np.ndarray  # int, which trace the step came from
+    step: np.ndarray  # int, step index within its trace
+    is_decode: np.ndarray  # bool
+    n_tokens: np.ndarray  # int
+    n_kv: np.ndarray  # int, cells visible after the step (pos0 + n_tokens), unpadded
+    n_kv_measured: np.ndarray  # int, cells llama.cpp attended (padded), 0 if not captured
+    n_ctx: np.ndarray  # int
+    n_threads: np.ndarray  # int
+    n_ubatch: np.ndarray  # int
+    type_k: np.ndarray  # object (str)
+    type_v: np.ndarray  # object (str)
+    decode_s: np.ndarray  # float, measured
+    trace_names: tuple[str, ...] = ()
+    model_names: tuple[str, ...] = ()
+    model_weight_bytes: tuple[int, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return int(self.decode_s.shape[0])
+
+
+def steps_from_traces(traces: Sequence[Trace]) -> StepData:
+    """Flatten the step tables of ``traces`` (and their context settings) into arrays."""
+    if not traces:
+        raise LlamatierError("no traces given: pass at least one trace directory")
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in StepData.__dataclass_fields__ if k not in (
+        "trace_names", "model_names", "model_weight_bytes")}
+    names, models, weights = [], [], []
+    for i, tr in enumerate(traces):
+        ctx = tr.context
+        name = str(tr.path) if tr.path is not None else f"trace{i}"
+        missing = [k for k in ("n_threads", "type_k", "type_v") if k not in ctx]
+        if missing:
+            raise LlamatierError(
+                f"trace {name} lacks context {', '.join(missing)} in meta.json: re-record it with `llamatier trace`"
+            )
+        s = tr.steps
+        n = s.height
+        nt = s["n_tokens"].to_numpy().astype(np.int64)
+        pos0 = s["pos0"].to_numpy().astype(np.int64)
+        cols["trace_index"].append(np.full(n, i, dtype=np.int64))
+        cols["step"].append(s["step"].to_numpy().astype(np.int64))
+        cols["is_decode"].append((s["phase"] == "decode").to_numpy())
+        cols["n_tokens"].append(nt)
+        cols["n_kv"].append(pos0 + nt)
+        cols["n_kv_measured"].append(s["n_kv"].to_numpy().astype(np.int64))
+        cols["n_ctx"].append(np.full(n, int(ctx.get("n_ctx", tr.n_ctx)), dtype=np.int64))
+        cols["n_threads"].append(np.full(n, int(ctx["n_threads"]), dtype=np.int64))
+        cols["n_ubatch"].append(np.full(n, int(ctx.get("n_ubatch", ctx.get("n_batch", 0)) or 0), dtype=np.int64))
+        cols["type_k"].append(np.full(n, str(ctx["type_k"]), dtype=object))
+        cols["type_v"].append(np.full(n, str(ctx["type_v"]), dtype=object))
+        cols["decode_s"].append(s["decode_s"].to_numpy().astype(np.float64))
+        names.append(name)
+        models.append(tr.model.name)
+        weights.append(int(tr.model.weight_bytes))
+    return StepData(
+        **{k: np.concatenate(v) for k, v in cols.items()},
+        trace_names=tuple(names),
+        model_names=tuple(models),
+        model_weight_bytes=tuple(weights),
+    )
+
+
+def infer_kv_pad_cells(data: StepData) -> tuple[int, float]:
+    """The padding that explains the captured ``n_kv`` column: (pad, fraction of steps it matches).
+
+    Falls back to llama.cpp's 256 when no step captured ``n_kv``.
+    """
+    have = data.n_kv_measured > 0
+    if not have.any():
+        return DEFAULT_KV_PAD_CELLS, float("nan")
+    best = (DEFAULT_KV_PAD_CELLS, -1.0)
+    for pad in _PAD_CANDIDATES:
+        pred = pad_kv_cells(data.n_kv[have], pad, data.n_ctx[have])
+        frac = float(np.mean(pred == data.n_kv_measured[have]))
+        if frac > best[1] + 1e-12:
+            best = (pad, frac)
+    return best
+
+
+def nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int | None = None) -> np.ndarray:
+    """Non-negative least squares, min ||a x - b|| with x >= 0 (Lawson-Hanson active set)."""
+    m, n = a.shape
+    max_iter = max_iter or 3 * n + 30
+    passive = np.zeros(n, dtype=bool)
+    x = np.zeros(n)
+    tol = 10 * np.finfo(float).eps * max(m, n) * max(1.0, float(np.abs(a).sum(axis=0).max()))
+    w = a.T @ (b - a @ x)
+    for _ in range(max_iter):
+        if passive.all() or w[~passive].max() <= tol:
+            break
+        j = int(np.argmax(np.where(passive, -np.inf, w)))
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > tol).all():
+                break
+            neg = passive & (z <= tol)
+            alpha = float(np.min(x[neg] / (x[neg] - z[neg])))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+        x = z
+        w = a.T @ (b - a @ x)
+    return x
+
+
+def default_terms(data: StepData, mask: np.ndarray | None = None) -> tuple[str, ...]:
+    """Terms the data can identify: fixed + per-token, and per-cell costs per K (and extra V) type."""
+    m = np.ones(data.n, dtype=bool) if mask is None else mask
+    batched = data.n_tokens[m] > 1
+    terms = ["step"]
+    if batched.any():
+        terms.append("token")
+    for tk in sorted(set(data.type_k[m].tolist())):
+        terms.append(f"kv@k={tk}")
+        if (batched & (data.type_k[m] == tk)).any():
+            terms.append(f"token_kv@k={tk}")
+    v_types = sorted(set(data.type_v[m].tolist()))
+    for tv in v_types[1:]:  # the first V type is the reference, folded into the K terms
+        terms.append(f"kv@v={tv}")
+        if (batched & (data.type_v[m] == tv)).any():
+            terms.append(f"token_kv@v={tv}")
+    return tuple(terms)
+
+
+def _ape_stats(rel: np.ndarray) -> dict[str, float]:
+    if rel.size == 0:
+        return {"n": 0, "median_ape": float("nan"), "p95_ape": float("nan"), "max_ape": float("nan"),
+                "bias": float("nan")}
+    a = np.abs(rel)
+    return {
+        "n": int(rel.size),
+        "median_ape": float(np.median(a)),
+        "p95_ape": float(np.percentile(a, 95)),
+        "max_ape": float(a.max()),
+        "bias": float(np.median(rel)),
+    }
+
+
+@dataclass(frozen=True)
+class CalibrationFit:
+    """A fitted host model and how well it explains the steps it was fitted on."""
+
+    model: HostComputeModel
+    data: StepData
+    predicted_s: np.ndarray  # for every step
+    used: np.ndarray  # bool: steps the final fit used
+    warmup: np.ndarray  # bool: steps dropped as warm-up
+    outliers: np.ndarray  # bool: steps dropped as outliers
+    iterations: int
+    kv_pad_match: float  # fraction of captured n_kv values the padding rule reproduces
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> stats on used steps
+
+    @property
+    def rel_error(self) -> np.ndarray:
+        return (self.predicted_s - self.data.decode_s) / self.data.decode_s
+
+
+def fit_host_model(
+    traces: Sequence[Trace] | StepData,
+    *,
+    warmup_steps: int = 1,
+    warmup_decode_steps: int = 1,
+    outlier_sigmas: float = 4.0,
+    min_outlier_ape: float = 0.02,
+    max_iterations: int = 20,
+    terms: tuple[str, ...] | None = None,
+) -> CalibrationFit:
+    """Fit a HostComputeModel to measured step times (see module docstring).
+
+    Warm-up: the first ``warmup_steps`` steps of each trace (context creation,
+    first graph allocation) and the first ``warmup_decode_steps`` decode steps
+    (the graph changes shape after prefill) are not fitted. Outliers: steps whose
+    relative residual lies more than ``outlier_sigmas`` robust standard deviations
+    (1.4826 * MAD) from the median, and more than ``min_outlier_ape`` away, are
+    dropped and the fit repeated until the kept set no longer changes.
+    """
+    data = traces if isinstance(traces, StepData) else steps_from_traces(traces)
+    if np.any(data.decode_s <= 0) or not np.all(np.isfinite(data.decode_s)):
+        raise LlamatierError("a trace has non-positive or non-finite decode_s; re-record it")
+    pad, pad_match = infer_kv_pad_cells(data)
+    warm = data.step < warmup_steps
+    if warmup_decode_steps > 0:
+        for ti in np.unique(data.trace_index):
+            idx = np.flatnonzero((data.trace_index == ti) & data.is_decode)
+            warm[idx[:warmup_decode_steps]] = True
+    candidates = ~warm
+    if candidates.sum() < 3:
+        raise LlamatierError(
+            f"only {int(candidates.sum())} steps left after dropping warm-up steps: record longer traces "
+            "(more --n-predict) before calibrating"
+        )
+    terms = tuple(terms) if terms is not None else default_terms(data, candidates)
+    thread_counts = tuple(sorted(set(data.n_threads[candidates].tolist())))
+    padded = pad_kv_cells(data.n_kv, pad, data.n_ctx)
+    x = design_matrix(terms, n_tokens=data.n_tokens, n_kv_padded=padded, type_k=data.type_k, type_v=data.type_v)
+    both = len(thread_counts) > 1
+    full = np.hstack([x, x / data.n_threads[:, None]]) if both else x
+    n_free = full.shape[1]
+    a_all = full / data.decode_s[:, None]  # relative residuals: (pred - t) / t = a @ c - 1
+    keep = candidates.copy()
+    coef = np.zeros(n_free)
+    it = 0
+    for _ in range(max_iterations):
+        it += 1
+        if keep.sum() < n_free + 2:
+            raise LlamatierError(
+                f"{int(keep.sum())} usable steps for {n_free} parameters: calibrate on more or longer traces"
+            )
+        a = a_all[keep]
+        scale = np.linalg.norm(a, axis=0)
+        scale[scale == 0] = 1.0
+        rank = np.linalg.matrix_rank(a / scale)
+        if rank < n_free:
+            raise LlamatierError(
+                f"the traces cannot separate the model's {n_free} parameters (rank {rank}): add traces with "
+                "other context lengths, prompt lengths, KV types or thread counts"
+            )
+        coef = nnls(a / scale, np.ones(int(keep.sum()))) / scale
+        rel = a_all @ coef - 1.0
+        center = float(np.median(rel[keep]))
+        sigma = 1.4826 * float(np.median(np.abs(rel[keep] - center)))
+        limit = max(outlier_sigmas * sigma, min_outlier_ape)
+        new_keep = candidates & (np.abs(rel - center) <= limit)
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    predicted = full @ coef
+    rel = predicted / data.decode_s - 1.0
+    serial = coef[: len(terms)]
+    parallel = coef[len(terms):] if both else np.zeros(len(terms))
+    stats = {
+        "decode": _ape_stats(rel[keep & data.is_decode]),
+        "prefill": _ape_stats(rel[keep & ~data.is_decode]),
+        "all": _ape_stats(rel[keep]),
+    }
+    ub = sorted(set(data.n_ubatch.tolist()))
+    model = HostComputeModel(
+        terms=terms,
+        serial_s=tuple(float(v) for v in serial),
+        parallel_s=tuple(float(v) for v in parallel),
+        kv_pad_cells=int(pad),
+        k_types=tuple(sorted(set(data.type_k[candidates].tolist()))),
+        v_types=tuple(sorted(set(data.type_v[candidates].tolist()))),
+        thread_counts=thread_counts,
+        n_ubatch=int(ub[0]) if len(ub) == 1 else 0,
+        model_name=", ".join(sorted(set(data.model_names))),
+        model_weight_bytes=int(max(data.model_weight_bytes)) if data.model_weight_bytes else 0,
+        fit_steps=int(keep.sum()),
+        fit_dropped_steps=int(data.n - keep.sum()),
+        fit_median_ape=stats["all"]["median_ape"],
+        fit_p95_ape=stats["all"]["p95_ape"],
+        traces=tuple(data.trace_names),
+        notes=(
+            f"fitted {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}: "
+            f"{int(warm.sum())} warm-up and {int((candidates & ~keep).sum())} outlier steps dropped; "
+            f"relative least squares, non-negative, {it} iterations"
+        ),
+    )
+    return CalibrationFit(
+        model=model,
+        data=data,
+        predicted_s=predicted,
+        used=keep,
+        warmup=warm,
+        outliers=candidates & ~keep,
+        iterations=it,
+        kv_pad_match=pad_match,
+        stats=stats,
+    )
+
+
+def calibrate_profile(
+    trace_paths: Sequence[str | Path],
+    *,
+    base: str = "cpu-host",
+    name: str | None = None,
+    **fit_options: float,
+) -> tuple[Profile, CalibrationFit]:
+    """Load traces, fit the host model, and return ``base`` carrying it (plus the fit)."""
+    traces = [load_trace(p) for p in trace_paths]
+    models = {tr.model.name for tr in traces}
+    if len(models) > 1:
+        raise LlamatierError(
+            f"traces come from different models ({', '.join(sorted(models))}): a host model is per model; "
+            "calibrate on traces of one model"
+        )
+    fit = fit_host_model(traces, **fit_options)  # type: ignore[arg-type]
+    base_profile = load_profile(base)
+    profile = base_profile.with_host_model(fit.model, name=name or f"{base_profile.name}-calibrated")
+    return profile, fit
+
+
+def write_calibrated_profile(profile: Profile, path: str | Path, *, base_source: str = "") -> Path:
+    """Write a calibrated profile TOML (readable by ``load_profile`` and ``replay --profile``)."""
+    hm = profile.compute.host_model
+    header = (
+        f"Calibrated host profile written by `llamatier calibrate` "
+        f"({_dt.datetime.now(_dt.timezone.utc).date().isoformat()}).\n"
+        f"Tiers, links and compute rates are copied from the base profile {base_source or profile.source}:\n"
+        "see that file for the source of every number.\n"
+        "[compute.host_model] is fitted from measured llama_decode times of the traces it lists: "
+        "t = sum_j x_j * (serial_s_j + parallel_s_j / n_threads).\n"
+    )
+    if hm is not None:
+        header += (
+            f"Fit: {hm.fit_steps} steps, median abs error {hm.fit_median_ape:.2%}, p95 {hm.fit_p95_ape:.2%} "
+            "(on fitted steps; run `llamatier validate` on held-out traces for the honest figure)."
+        )
+    out = Path(path)
+    if out.exists() and out.is_dir():
+        raise LlamatierError(f"--out {out} is a directory: give a file name such as my-host.toml")
+    if not out.parent.exists():
+        raise LlamatierError(f"directory {out.parent} does not exist: create it or choose another --out")
+    out.write_text(profile_to_toml(profile, header=header))
+    return out
