@@ -148,8 +148,10 @@ def read_model_info(path: str | Path) -> ModelInfo:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(p), "r")
-    except Exception as exc:  # truncated or corrupt header
-        raise ModelLoadError(f"cannot read GGUF header of {p}: {exc} (the file may be truncated)") from None
+    except Exception:  # truncated or corrupt header
+        raise ModelLoadError(
+            f"cannot read the GGUF header of {p}: the file is truncated or corrupt (copy or convert it again)"
+        ) from None
 
     arch = _field_value(reader, "general.architecture")
     if not arch:

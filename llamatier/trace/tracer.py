@@ -74,6 +74,7 @@ class TraceSummary:
     n_decode_steps: int
     prefill_s: float
     decode_s: float
+    decode_wall_s: float  # whole decode loop: llama_decode + capture post-processing + sampling + writing
     capture_backend: str
 
     @property
@@ -246,6 +247,7 @@ def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sys
             if progress:
                 progress("prefill", pos, total)
         # -- decode --------------------------------------------------------------------
+        t_dec0 = time.perf_counter()
         for _ in range(cfg.n_predict):
             if cfg.stop_at_eos and model.is_eog(token):
                 break
@@ -274,6 +276,7 @@ def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sys
         ) from None
     finally:
         _restore_sigterm(old_term)
+    decode_wall_s = time.perf_counter() - t_dec0
     extra = {"capture_reduce_s": capture.reduce_s if capture else 0.0}
     writer.update_meta(**extra)
     writer.close(complete=True)
@@ -284,6 +287,7 @@ def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sys
         n_decode_steps=n_decode,
         prefill_s=prefill_s,
         decode_s=decode_s,
+        decode_wall_s=decode_wall_s,
         capture_backend=capture.backend if capture else "off",
     )
 
