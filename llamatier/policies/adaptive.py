@@ -1,0 +1,198 @@
+"""Adaptive placement: learns from past attention, keeps hot blocks high, moves a bounded amount.
+
+Priority of a stored block (causal: only steps already replayed count):
+
+- lossless mode: 1 if the step reads it (every visible block is read every
+  step, so attention mass cannot make one visible block cheaper to keep than
+  another), 0 for stored blocks no query can see (``--swa-full`` window layers);
+- sparse mode: ``score + recency``, where ``score <- decay * score + mass`` after
+  every step (heavy hitters and sinks accumulate) and the newest
+  ``recent_blocks`` blocks of each layer get ``recency_bonus`` (the local
+  window, StreamingLLM-style). Reads are the ``block_budget`` highest.
+
+Each step: new blocks go to the fastest tier with room, in priority order.
+Then, tier by tier from HBM down, the best blocks below a tier move into its
+free room, and swap with its worst blocks when they beat them by the
+hysteresis margin (``p_up > (1 + hysteresis) * p_down``), at most
+``max_moves_per_step`` blocks per step. With ``prefetch`` the moves are
+flagged so that the cost model hides them behind compute (idle link time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from llamatier.policies.base import (
+    N_TIERS,
+    CapacityExhausted,
+    Policy,
+    StartDecision,
+    StepDecision,
+    StepView,
+    register_policy,
+)
+
+
+def top_k_indices(candidates: np.ndarray, priority: np.ndarray, k: int, *, largest: bool) -> np.ndarray:
+    """Up to k flat indices from ``candidates`` with the largest (or smallest) priority, best first.
+
+    Ties go to the lower flat index (deterministic).
+    """
+    if candidates.size == 0 or k <= 0:
+        return candidates[:0]
+    key = -priority[candidates] if largest else priority[candidates]
+    if candidates.size > k:
+        part = np.argpartition(key, k - 1)[:k]
+        cand, key = candidates[part], key[part]
+    else:
+        cand = candidates
+    order = np.lexsort((cand, key))
+    return cand[order]
+
+
+def prefix_fit(sizes: np.ndarray, room: float) -> int:
+    """How many of the leading ``sizes`` fit together in ``room`` bytes."""
+    if sizes.size == 0 or room <= 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(sizes), room, side="right"))
+
+
+@register_policy
+class AdaptivePolicy(Policy):
+    """Causal heat from past attention mass; hot in HBM, warm in DRAM, cold below; bounded migration."""
+
+    name = "adaptive"
+    summary = "learns block heat from past attention (decay + recency), hysteresis, bounded migration, optional prefetch"
+
+    def __init__(
+        self,
+        decay: float = 0.8,
+        recent_blocks: int = 2,
+        recency_bonus: float = 1.0,
+        hysteresis: float = 0.25,
+        max_moves_per_step: int = 64,
+        prefetch: bool | None = None,
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError("decay must be in [0, 1)")
+        if hysteresis < 0 or max_moves_per_step < 0 or recent_blocks < 0:
+            raise ValueError("hysteresis, max_moves_per_step and recent_blocks must be >= 0")
+        self.decay = float(decay)
+        self.recent_blocks = int(recent_blocks)
+        self.recency_bonus = float(recency_bonus)
+        self.hysteresis = float(hysteresis)
+        self.max_moves_per_step = int(max_moves_per_step)
+        self.prefetch = prefetch
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "recent_blocks": self.recent_blocks,
+            "recency_bonus": self.recency_bonus,
+            "hysteresis": self.hysteresis,
+            "max_moves_per_step": self.max_moves_per_step,
+            "prefetch": self._prefetch,
+        }
+
+    def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
+        L, NB = ctx.n_layers, ctx.n_blocks
+        self.caps = np.asarray(ctx.capacity_bytes, dtype=np.float64)
+        self.sizes = np.repeat(ctx.block_bytes, NB)
+        self.score = np.zeros(L * NB, dtype=np.float32)
+        self.sparse = ctx.options.mode == "sparse"
+        self.budget = int(ctx.options.block_budget or 0)
+        self._prefetch = bool(ctx.options.prefetch if self.prefetch is None else self.prefetch)
+        return StartDecision(
+            placement=np.full((L, NB), -1, dtype=np.int8),
+            verdict="adaptive: " + ("reads ranked by past attention" if self.sparse else "every visible block read each step"),
+        )
+
+    def _priority(self, view: StepView) -> np.ndarray:
+        vis = view.visible.ravel()
+        if not (self.sparse and view.decode):
+            return vis.astype(np.float32)
+        p = self.score.copy()
+        if self.recent_blocks and self.recency_bonus:
+            NB = view.alive.shape[1]
+            lo = max(view.hi_block - self.recent_blocks, 0)
+            p.reshape(-1, NB)[:, lo : view.hi_block] += self.recency_bonus
+        p[~vis] = -1.0
+        return p
+
+    def decide(self, view: StepView) -> StepDecision:
+        p = self._priority(view)
+        P = view.placement.ravel().copy()
+        alive = view.alive.ravel()
+        new = view.new_blocks.ravel()
+        old = alive & ~new
+        keys = np.where(old, P, N_TIERS).astype(np.int64)
+        occ = np.bincount(keys, weights=self.sizes, minlength=N_TIERS + 1)[:N_TIERS]
+        changed = False
+        if new.any():
+            idx = np.flatnonzero(new)
+            idx = idx[np.argsort(-p[idx], kind="stable")]
+            start = 0
+            for t in range(N_TIERS):
+                n = prefix_fit(self.sizes[idx[start:]], self.caps[t] - occ[t])
+                P[idx[start : start + n]] = t
+                occ[t] += self.sizes[idx[start : start + n]].sum()
+                start += n
+            if start < idx.size:
+                raise CapacityExhausted(float(occ.sum() + self.sizes[idx[start:]].sum()), float(self.caps.sum()))
+            changed = True
+        moves_left = self.max_moves_per_step
+        for t in range(N_TIERS - 1):
+            if moves_left <= 0:
+                break
+            below = np.flatnonzero(old & (P > t))
+            if below.size == 0:
+                continue
+            up = top_k_indices(below, p, moves_left, largest=True)
+            n = prefix_fit(self.sizes[up], self.caps[t] - occ[t])
+            if n:  # free room in tier t: promote the best blocks from below
+                for src in range(t + 1, N_TIERS):
+                    occ[src] -= self.sizes[up[:n]][P[up[:n]] == src].sum()
+                P[up[:n]] = t
+                occ[t] += self.sizes[up[:n]].sum()
+                moves_left -= n
+                changed = True
+                up = up[n:]
+            if up.size == 0 or moves_left <= 1:
+                continue
+            here = np.flatnonzero(old & (P == t))
+            down = top_k_indices(here, p, min(up.size, moves_left // 2), largest=False)
+            m = min(up.size, down.size)
+            if m == 0:
+                continue
+            up, down = up[:m], down[:m]
+            ok = (p[up] > (1.0 + self.hysteresis) * p[down] + 1e-12) & (self.sizes[up] == self.sizes[down])
+            ok = np.logical_and.accumulate(ok)  # pairs are sorted: stop at the first that does not pay
+            if ok.any():
+                u, d = up[ok], down[ok]
+                P[d] = P[u]
+                P[u] = t
+                moves_left -= 2 * int(ok.sum())
+                changed = True
+        placement = P.reshape(view.alive.shape) if changed else None
+        read_mask = None
+        if self.sparse and view.decode:
+            read_mask = self._select(view, p)
+        return StepDecision(
+            placement=placement, read_mask=read_mask, move_timing="prefetch" if self._prefetch else "demand"
+        )
+
+    def _select(self, view: StepView, p: np.ndarray) -> np.ndarray:
+        L, NB = view.alive.shape
+        k = min(self.budget, NB)
+        pv = np.where(view.visible.ravel(), p, -np.inf).reshape(L, NB)
+        top = np.argpartition(-pv, k - 1, axis=1)[:, :k]
+        mask = np.zeros((L, NB), dtype=bool)
+        np.put_along_axis(mask, top, True, axis=1)
+        return mask & view.visible
+
+    def observe(self, view: StepView, mass: np.ndarray) -> None:
+        if self.sparse:
+            self.score *= self.decay
+            self.score += mass.ravel()

@@ -1,0 +1,244 @@
+"""The placement-policy interface both replay engines drive, and the policy registry.
+
+A policy decides, step by step, in which tier (0 hbm, 1 dram, 2 ssd, 3 remote)
+each KV block of each layer lives. It sees only the past (``observe`` is called
+after a step with that step's attention mass) unless it says otherwise (the
+oracle reads the future from the context it gets at ``start``).
+
+The calls, in order::
+
+    start(ctx)            -> StartDecision      once, before step 0
+    decide(view)          -> StepDecision       at each step, before its reads
+    observe(view, mass)                         after each step (causal learning)
+
+Built-in policies register with :func:`register_policy` exactly as third-party
+ones do; packages can also expose policies through the ``llamatier.policies``
+entry-point group (name = policy name, value = ``module:Class``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from llamatier.errors import LlamatierError
+
+if TYPE_CHECKING:
+    from llamatier.replay.context import ReplayContext
+
+HBM, DRAM, SSD, REMOTE = 0, 1, 2, 3
+N_TIERS = 4
+ABSENT = -1  # placement value of a block that holds no KV (not yet written, or freed)
+
+MOVE_TIMINGS = ("demand", "prefetch", "free")
+DRAM_READ_MODES = ("host", "fetch", "auto")
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    """What a policy sets up before the first step."""
+
+    placement: np.ndarray  # int8 [n_layers, n_blocks]: tier of each block (only alive blocks count)
+    reserved_bytes: np.ndarray | None = None  # float64 [4]: bytes reserved up front per tier (static: n_ctx)
+    host_layers: np.ndarray | None = None  # bool [n_layers]: layers computed on the host (static layers mode)
+    capacity_bonus_bytes: np.ndarray | None = None  # float64 [4]: budget freed for KV (host layers' weights)
+    dram_reads: str | None = None  # how reads of DRAM-resident KV run: "host", "fetch", "auto"; None: options
+    runs: bool = True  # False: this placement cannot run at all (e.g. llama.cpp beyond DRAM)
+    verdict: str = ""  # one line: the placement chosen, or why it does not run
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """A policy's decision for one step.
+
+    ``placement`` is where blocks are after this step's moves (None: unchanged).
+    Reads happen from ``read_tier`` (None: from ``placement``); a policy that
+    fetches on demand (lru) reads everything from HBM after moving it there and
+    reports the moves it made in ``moves_bytes``/``moves_count`` ([src, dst]
+    matrices); otherwise the engine derives moves from the placement change.
+    ``read_mask`` selects the blocks read in sparse mode (None: every visible one).
+    """
+
+    placement: np.ndarray | None = None
+    read_tier: np.ndarray | None = None
+    read_mask: np.ndarray | None = None
+    moves_bytes: np.ndarray | None = None  # float64 [4, 4]
+    moves_count: np.ndarray | None = None  # float64 [4, 4]
+    move_timing: str = "demand"  # "demand": on the critical path; "prefetch": may hide behind compute; "free": a bound
+
+
+UNCHANGED = StepDecision()
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What a policy may look at when deciding step ``step`` (all arrays read-only)."""
+
+    step: int
+    decode: bool
+    hi_block: int  # one past the last block holding KV after this step
+    lo_alive: np.ndarray  # int64 [n_layers]: first block still stored (sliding-window layers free older ones)
+    lo_visible: np.ndarray  # int64 [n_layers]: first block this step's queries can see
+    new_lo_block: int  # first block receiving this step's new tokens
+    alive: np.ndarray  # bool [n_layers, n_blocks]: blocks holding KV after this step's writes
+    visible: np.ndarray  # bool [n_layers, n_blocks]: blocks this step's queries see
+    new_blocks: np.ndarray  # bool [n_layers, n_blocks]: alive now, not before this step
+    placement: np.ndarray  # int8 [n_layers, n_blocks]: placement before this step
+    occupancy_bytes: np.ndarray  # float64 [4]: bytes held per tier before this step (alive blocks)
+
+
+class Policy(ABC):
+    """Base class of KV placement policies (see the module docstring for the protocol)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    fixed_placement: ClassVar[bool] = False  # placement never changes after start: the engine's fast path
+    is_bound: ClassVar[bool] = False  # sees the future: reported as a bound, not a policy
+
+    @abstractmethod
+    def start(self, ctx: ReplayContext) -> StartDecision:
+        """Initial placement, reservations and verdict, before step 0."""
+
+    @abstractmethod
+    def decide(self, view: StepView) -> StepDecision:
+        """Placement (and, in sparse mode, the blocks to read) for this step."""
+
+    def observe(self, view: StepView, mass: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Attention mass [n_layers, n_blocks] the step just replayed put on each block."""
+
+    def params(self) -> dict[str, Any]:
+        """Tunable parameters, for reports."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+_ENTRY_POINTS_LOADED = False
+ENTRY_POINT_GROUP = "llamatier.policies"
+
+
+def register_policy(cls: type[Policy] | None = None, *, name: str | None = None, replace: bool = False) -> Any:
+    """Register a Policy subclass under ``name`` (default ``cls.name``); usable as a decorator.
+
+    Registering a taken name raises unless ``replace=True``.
+    """
+
+    def _register(c: type[Policy]) -> type[Policy]:
+        if not (isinstance(c, type) and issubclass(c, Policy)):
+            raise LlamatierError(f"{c!r} is not a Policy subclass: derive from llamatier.policies.Policy")
+        key = (name or c.name or "").strip().lower()
+        if not key:
+            raise LlamatierError(f"policy class {c.__name__} has no name: set the class attribute `name`")
+        if key in _REGISTRY and _REGISTRY[key] is not c and not replace:
+            raise LlamatierError(f"a policy named {key!r} is already registered ({_REGISTRY[key].__name__})")
+        _REGISTRY[key] = c
+        return c
+
+    return _register(cls) if cls is not None else _register
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name.lower() in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plug-in must not break the built-ins
+            raise LlamatierError(
+                f"policy plug-in {ep.name!r} ({ep.value}) failed to load: {exc}; fix or uninstall it"
+            ) from None
+        register_policy(cls, name=ep.name)
+
+
+def policy_names() -> list[str]:
+    """Registered policy names (built-ins and plug-ins)."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str) -> type[Policy]:
+    """The policy class registered as ``name``; the error lists the valid names."""
+    _load_entry_points()
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise LlamatierError(f"unknown policy {name!r}: valid policies are {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def make_policy(policy: str | type[Policy] | Policy, **params: Any) -> Policy:
+    """A fresh policy instance from a name, a class or an instance (instances are used as given)."""
+    if isinstance(policy, Policy):
+        return policy
+    cls = get_policy(policy) if isinstance(policy, str) else policy
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise LlamatierError(f"bad parameters for policy {cls.name!r}: {exc}") from None
+
+
+# -- helpers shared by policies ------------------------------------------------------
+
+
+def fill_by_priority(
+    priority: np.ndarray, sizes: np.ndarray, capacity_bytes: np.ndarray, alive: np.ndarray
+) -> np.ndarray:
+    """Place alive blocks fastest-tier-first in priority order (ties: lower flat index first).
+
+    Tier t takes the next blocks in order while they fit (a prefix fill, so a
+    bigger capacity never pushes a block to a slower tier). Returns int8
+    placement with ABSENT for blocks that are not alive; raises when the alive
+    blocks do not fit in all tiers together.
+    """
+    flat_alive = np.flatnonzero(alive.ravel())
+    out = np.full(alive.shape, ABSENT, dtype=np.int8)
+    if flat_alive.size == 0:
+        return out
+    pr = priority.ravel()[flat_alive]
+    order = flat_alive[np.argsort(-pr, kind="stable")]
+    sz = np.broadcast_to(sizes[:, None], alive.shape).ravel()[order]
+    cum = np.cumsum(sz, dtype=np.float64)
+    tiers = np.empty(order.size, dtype=np.int8)
+    start, base = 0, 0.0
+    for t in range(N_TIERS):
+        end = int(np.searchsorted(cum, base + float(capacity_bytes[t]), side="right"))
+        tiers[start:end] = t
+        if end > start:
+            base = float(cum[end - 1])
+        start = end
+    if start < order.size:
+        raise CapacityExhausted(float(cum[-1]), float(np.sum(capacity_bytes)))
+    out.ravel()[order] = tiers
+    return out
+
+
+class CapacityExhausted(LlamatierError):
+    """The KV does not fit in all tiers together."""
+
+    def __init__(self, need_bytes: float, have_bytes: float) -> None:
+        from llamatier.units import format_bytes
+
+        super().__init__(
+            f"the KV cache ({format_bytes(need_bytes)}) does not fit in all tiers together "
+            f"({format_bytes(have_bytes)}): raise --dram-budget or use a profile with more memory"
+        )
+        self.need_bytes = need_bytes
+        self.have_bytes = have_bytes
+
+
+def default_read_selection(view: StepView, budget: int) -> np.ndarray:
+    """Sparse-mode reads for policies without their own: the first visible block (attention sink)
+    and the newest ``budget - 1`` visible blocks of each layer (StreamingLLM-style)."""
+    vis = view.visible
+    n_layers, n_blocks = vis.shape
+    b = np.arange(n_blocks)[None, :]
+    recent = b >= (view.hi_block - max(budget - 1, 0))
+    sink = b == view.lo_visible[:, None]
+    return vis & (recent | (sink if budget > 0 else False))

@@ -1,0 +1,142 @@
+"""Replay a trace through the four-tier cost model under a placement policy.
+
+``replay(trace, profile, policy, options) -> ReplayResult`` is a pure function:
+no files, no printing. ``compare`` runs several policies on the same inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from llamatier.cost import CostModel
+from llamatier.hardware import Profile
+from llamatier.policies import Policy, make_policy
+from llamatier.replay.context import ReplayContext, prepare
+from llamatier.replay.engine import EngineRecord, capacity_of, run_vectorised
+from llamatier.replay.options import ReplayOptions
+from llamatier.replay.result import Comparison, ReplayResult, summarize
+from llamatier.trace import Trace
+
+DEFAULT_POLICIES = ("static", "lru", "adaptive", "oracle")
+
+
+def cost_model_for(ctx: ReplayContext, record: EngineRecord) -> tuple[CostModel, list[str]]:
+    """The cost model for a prepared replay and the notes it adds (host model used or not)."""
+    notes: list[str] = []
+    prof = ctx.profile
+    hm = prof.compute.host_model
+    hm_args = None
+    if ctx.host_only and hm is not None:
+        if ctx.target.what_if:
+            notes.append("calibrated host model not used: it is fitted to the traced model, not the what-if one")
+        elif hm.model_name and hm.model_name != ctx.trace.model.name:
+            notes.append(f"calibrated host model not used: it was fitted for {hm.model_name}, not {ctx.trace.model.name}")
+        else:
+            hm_args = {
+                "type_k": ctx.type_k.name,
+                "type_v": ctx.type_v.name,
+                "n_threads": ctx.n_threads,
+                "n_ctx": ctx.n_ctx,
+            }
+            notes.append("host compute from the calibrated host model (includes attention over DRAM-resident KV)")
+    g = ctx.target.geometry
+    start = record.start
+    model = CostModel(
+        prof,
+        n_layers=g.n_layers,
+        n_head=ctx.target.n_head,
+        head_dim_k=g.head_dim_k,
+        head_dim_v=g.head_dim_v,
+        n_params=ctx.target.n_params,
+        weight_bytes=ctx.target.weight_bytes,
+        host_layers=start.host_layers,
+        dram_reads=start.dram_reads or ctx.options.dram_reads,
+        host_model_args=hm_args,
+    )
+    return model, notes
+
+
+def finish(ctx: ReplayContext, policy: Policy, record: EngineRecord, t_start: float) -> ReplayResult:
+    """Cost a replay's counts and wrap everything in a ReplayResult (shared by both engines)."""
+    notes = list(ctx.notes)
+    costs = None
+    if record.start.runs:
+        model, more = cost_model_for(ctx, record)
+        notes += more
+        costs = model.evaluate(record.traffic)
+    o = ctx.options
+    return ReplayResult(
+        policy=policy.name,
+        policy_params=policy.params(),
+        is_bound=policy.is_bound,
+        profile=ctx.profile.name,
+        trace=str(ctx.trace.path) if ctx.trace.path else ctx.trace.model.name,
+        model=ctx.target.label,
+        what_if=ctx.target.what_if,
+        type_k=ctx.type_k.name,
+        type_v=ctx.type_v.name,
+        mode=o.mode,
+        block_budget=o.block_budget,
+        block_tokens=ctx.block_tokens,
+        capacity_bytes=capacity_of(ctx, record.start).copy(),
+        runs=record.start.runs,
+        verdict=record.start.verdict,
+        is_decode=ctx.is_decode,
+        costs=costs,
+        record=record,
+        replay_wall_s=time.perf_counter() - t_start,
+        notes=tuple(notes),
+    )
+
+
+def policy_for(policy: str | type[Policy] | Policy, options: ReplayOptions) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    name = policy if isinstance(policy, str) else policy.name
+    return make_policy(policy, **options.policy_params.get(str(name).lower(), {}))
+
+
+def replay(
+    trace: Trace,
+    profile: Profile,
+    policy: str | type[Policy] | Policy,
+    options: ReplayOptions | None = None,
+) -> ReplayResult:
+    """Replay ``trace`` on ``profile`` under ``policy`` (a name, class or instance)."""
+    t0 = time.perf_counter()
+    options = options or ReplayOptions()
+    ctx = prepare(trace, profile, options)
+    pol = policy_for(policy, options)
+    record = run_vectorised(ctx, pol)
+    return finish(ctx, pol, record, t0)
+
+
+def compare(
+    trace: Trace,
+    profile: Profile,
+    policies: Sequence[str | type[Policy] | Policy] = DEFAULT_POLICIES,
+    options: ReplayOptions | None = None,
+) -> Comparison:
+    """Replay several policies on the same inputs; ratios are taken against ``static``."""
+    options = options or ReplayOptions()
+    results = []
+    for p in policies:
+        t0 = time.perf_counter()
+        ctx = prepare(trace, profile, options)
+        pol = policy_for(p, options)
+        results.append(finish(ctx, pol, run_vectorised(ctx, pol), t0))
+    return Comparison(results=tuple(results))
+
+
+__all__ = [
+    "DEFAULT_POLICIES",
+    "Comparison",
+    "ReplayContext",
+    "ReplayOptions",
+    "ReplayResult",
+    "compare",
+    "prepare",
+    "replay",
+    "summarize",
+]

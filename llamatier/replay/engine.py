@@ -1,0 +1,297 @@
+"""The vectorised replay engine: one numpy pass per step over [layers, blocks] arrays.
+
+It asks the policy for a placement, then counts with whole-array operations
+(never a Python loop per block): bytes read per layer and tier, new KV written,
+blocks allocated, freed and migrated, occupancy per tier. A policy with a fixed
+placement (static) takes a faster path that counts all steps at once through
+prefix sums over the placement. The counts go to :mod:`llamatier.cost`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from llamatier.cost import MOVE_TIMING_INDEX, StepTraffic
+from llamatier.errors import LlamatierError
+from llamatier.hardware import TIER_NAMES
+from llamatier.policies.base import (
+    N_TIERS,
+    Policy,
+    StartDecision,
+    StepDecision,
+    StepView,
+    default_read_selection,
+)
+from llamatier.replay.context import ReplayContext
+from llamatier.units import format_bytes
+
+_CAPACITY_SLACK = 1e-9  # relative tolerance on budget checks (float sums of byte counts)
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """Raw per-step counts of one replay (input to the cost model and the result)."""
+
+    start: StartDecision
+    traffic: StepTraffic
+    occupancy_bytes: np.ndarray  # [S, 4] after each step: max(reserved, bytes of stored blocks)
+    stored_bytes: np.ndarray  # [S, 4] bytes of stored (alive) blocks after each step
+    alloc_bytes: np.ndarray  # [S, 4] blocks that appeared this step, by the tier they were written to
+    freed_bytes: np.ndarray  # [S, 4] blocks dropped this step (sliding window), by tier
+    dropped_mass: np.ndarray  # [S, L] attention mass on visible blocks the step did not read
+    visible_blocks: np.ndarray  # [S] visible (layer, block) pairs
+    decision_s: float  # policy time (perf_counter around start/decide/observe)
+    engine: str  # "vectorised" or "vectorised-fixed"
+
+
+def _check_placement(ctx: ReplayContext, policy: Policy, placement: np.ndarray, alive: np.ndarray, step: int) -> None:
+    if placement.shape != (ctx.n_layers, ctx.n_blocks):
+        raise LlamatierError(
+            f"policy {policy.name!r} returned a placement of shape {placement.shape}, expected "
+            f"{(ctx.n_layers, ctx.n_blocks)} (layers, blocks)"
+        )
+    t = np.where(alive, placement, 0)
+    if (t < 0).any() or (t >= N_TIERS).any():
+        raise LlamatierError(
+            f"policy {policy.name!r} left a stored block without a tier (or outside 0..3) at step {step}"
+        )
+
+
+def capacity_of(ctx: ReplayContext, start: StartDecision) -> np.ndarray:
+    """KV budget per tier for this replay (static's layer split frees the host layers' weight bytes)."""
+    bonus = start.capacity_bonus_bytes
+    return ctx.capacity_bytes if bonus is None else ctx.capacity_bytes + np.asarray(bonus, dtype=np.float64)
+
+
+def _check_capacity(caps: np.ndarray, policy: Policy, occ: np.ndarray, step: int) -> None:
+    over = occ > caps * (1 + _CAPACITY_SLACK) + 1.0
+    if over.any():
+        t = int(np.flatnonzero(over)[0])
+        raise LlamatierError(
+            f"policy {policy.name!r} put {format_bytes(occ[t])} of KV in {TIER_NAMES[t]} at step {step}, over "
+            f"its budget {format_bytes(caps[t])}: a bug in the policy"
+        )
+
+
+def _write_counts(ctx: ReplayContext, s: int, tiers_of: np.ndarray, wb: np.ndarray, wn: np.ndarray) -> None:
+    """Add step s's new K/V (positions pos0..ctx-1) to wb/wn [L, 4], by the tier of each written block."""
+    B = ctx.block_tokens
+    p0, p1 = int(ctx.pos0[s]), int(ctx.ctx_tokens[s])
+    if p1 <= p0:
+        return
+    lay = np.arange(ctx.n_layers)
+    for b in range(p0 // B, (p1 - 1) // B + 1):
+        tok = min(p1, (b + 1) * B) - max(p0, b * B)
+        t = tiers_of[:, b].astype(np.int64)
+        wb[lay, t] += tok * ctx.bytes_per_token
+        wn[lay, t] += 1
+
+
+def _edge_corrections(ctx: ReplayContext, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """First/last visible block per layer and the tokens each lacks (partial blocks)."""
+    B = ctx.block_tokens
+    first = ctx.lo_visible[s]
+    last = np.full(ctx.n_layers, ctx.hi_block[s] - 1, dtype=np.int64)
+    miss_first = ctx.lo_visible_pos[s] - first * B
+    miss_last = np.full(ctx.n_layers, ctx.hi_block[s] * B - ctx.ctx_tokens[s], dtype=np.int64)
+    return first, last, miss_first, miss_last
+
+
+def run_vectorised(ctx: ReplayContext, policy: Policy) -> EngineRecord:
+    """Replay every step of ``ctx`` under ``policy`` (fast path for fixed placements)."""
+    t0 = time.perf_counter()
+    start = policy.start(ctx)
+    decision_s = time.perf_counter() - t0
+    if not start.runs:
+        return _empty_record(ctx, start, decision_s)
+    if policy.fixed_placement and ctx.options.mode == "lossless":
+        return _run_fixed(ctx, policy, start, decision_s)
+    return _run_steps(ctx, policy, start, decision_s)
+
+
+def _empty_record(ctx: ReplayContext, start: StartDecision, decision_s: float) -> EngineRecord:
+    S, L = ctx.n_steps, ctx.n_layers
+    z3 = np.zeros((S, L, 4))
+    traffic = StepTraffic(
+        read_bytes=z3, read_blocks=z3, read_tokens=np.zeros((S, L)), write_bytes=z3, write_blocks=z3,
+        move_bytes=np.zeros((S, 3, 4, 4)), move_count=np.zeros((S, 3, 4, 4)),
+        n_tokens=ctx.n_tokens, ctx_tokens=ctx.ctx_tokens,
+    )
+    z = np.zeros((S, 4))
+    return EngineRecord(start, traffic, z, z, z, z, np.zeros((S, L)), np.zeros(S), decision_s, "none")
+
+
+def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decision_s: float) -> EngineRecord:
+    S, L, NB, B = ctx.n_steps, ctx.n_layers, ctx.n_blocks, ctx.block_tokens
+    sparse = ctx.options.mode == "sparse"
+    budget = int(ctx.options.block_budget or 0)
+    bidx = np.arange(NB)[None, :]
+    lay = np.arange(L)
+    key_base = (lay * 5)[:, None]
+    bb_full = np.broadcast_to(ctx.block_bytes[:, None], (L, NB)).ravel()
+    bpt = ctx.bytes_per_token.astype(np.float64)
+    reserved = np.zeros(4) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
+    caps = capacity_of(ctx, start)
+
+    read_bytes = np.zeros((S, L, 4))
+    read_blocks = np.zeros((S, L, 4))
+    read_tokens = np.zeros((S, L))
+    write_bytes = np.zeros((S, L, 4))
+    write_blocks = np.zeros((S, L, 4))
+    move_bytes = np.zeros((S, 3, 4, 4))
+    move_count = np.zeros((S, 3, 4, 4))
+    occupancy = np.zeros((S, 4))
+    stored = np.zeros((S, 4))
+    alloc = np.zeros((S, 4))
+    freed = np.zeros((S, 4))
+    dropped = np.zeros((S, L))
+    n_visible = np.zeros(S)
+
+    P = np.array(start.placement, dtype=np.int8, copy=True)
+    alive_prev = np.zeros((L, NB), dtype=bool)
+    occ_prev = np.zeros(4)
+    for s in range(S):
+        hi = int(ctx.hi_block[s])
+        lo_a, lo_v = ctx.lo_alive[s], ctx.lo_visible[s]
+        below_hi = bidx < hi
+        alive = (bidx >= lo_a[:, None]) & below_hi
+        visible = alive if lo_v is lo_a or np.array_equal(lo_v, lo_a) else (bidx >= lo_v[:, None]) & below_hi
+        new = alive & ~alive_prev
+        view = StepView(
+            step=s, decode=bool(ctx.is_decode[s]), hi_block=hi, lo_alive=lo_a, lo_visible=lo_v,
+            new_lo_block=int(ctx.pos0[s]) // B, alive=alive, visible=visible, new_blocks=new,
+            placement=P, occupancy_bytes=occ_prev,
+        )
+        t0 = time.perf_counter()
+        dec: StepDecision = policy.decide(view)
+        decision_s += time.perf_counter() - t0
+        P_new = P if dec.placement is None else dec.placement
+        _check_placement(ctx, policy, P_new, alive, s)
+        read_tier = P_new if dec.read_tier is None else dec.read_tier
+
+        # -- reads ------------------------------------------------------------------
+        if sparse and ctx.is_decode[s]:
+            rmask = dec.read_mask if dec.read_mask is not None else default_read_selection(view, budget)
+            if (rmask & ~visible).any():
+                raise LlamatierError(f"policy {policy.name!r} read blocks that are not visible at step {s}")
+            if (rmask.sum(axis=1) > budget).any():
+                raise LlamatierError(f"policy {policy.name!r} read more than --block-budget {budget} blocks in a layer")
+            dropped[s] = np.where(visible & ~rmask, ctx.mass[s], 0.0).sum(axis=1)
+        else:
+            rmask = visible
+        keys = np.where(rmask, read_tier, 4).astype(np.int64) + key_base
+        counts = np.bincount(keys.ravel(), minlength=5 * L).reshape(L, 5)[:, :4].astype(np.float64)
+        rb = counts * ctx.block_bytes[:, None]
+        tok = counts.sum(axis=1) * B
+        first, last, miss_f, miss_l = _edge_corrections(ctx, s)
+        for blk, miss in ((first, miss_f), (last, miss_l)):
+            hit = rmask[lay, blk] & (miss > 0)
+            if hit.any():
+                t = read_tier[lay, blk].astype(np.int64)
+                corr = np.where(hit, miss, 0)
+                np.subtract.at(rb, (lay, t), corr * bpt)
+                tok -= corr
+        read_bytes[s], read_blocks[s], read_tokens[s] = rb, counts, tok
+        n_visible[s] = visible.sum()
+
+        # -- writes, allocation, frees, moves -------------------------------------------
+        _write_counts(ctx, s, read_tier, write_bytes[s], write_blocks[s])
+        gone = alive_prev & ~alive
+        if gone.any():
+            freed[s] = np.bincount(P[gone].astype(np.int64), weights=bb_full.reshape(L, NB)[gone], minlength=4)
+        if new.any():
+            alloc[s] = np.bincount(read_tier[new].astype(np.int64), weights=bb_full.reshape(L, NB)[new], minlength=4)
+        k = MOVE_TIMING_INDEX.get(dec.move_timing)
+        if k is None:
+            raise LlamatierError(f"policy {policy.name!r} gave move timing {dec.move_timing!r}: use demand, prefetch or free")
+        if dec.moves_bytes is not None:
+            move_bytes[s, k] = dec.moves_bytes
+            move_count[s, k] = dec.moves_count if dec.moves_count is not None else 0.0
+        elif P_new is not P:
+            changed = (P_new != P) & alive_prev & alive
+            if changed.any():
+                src = P[changed].astype(np.int64)
+                dst = P_new[changed].astype(np.int64)
+                pair = src * 4 + dst
+                move_bytes[s, k] = np.bincount(pair, weights=bb_full.reshape(L, NB)[changed], minlength=16).reshape(4, 4)
+                move_count[s, k] = np.bincount(pair, minlength=16).reshape(4, 4)
+
+        # -- occupancy ----------------------------------------------------------------
+        okeys = np.where(alive, P_new, 4).astype(np.int64).ravel()
+        st = np.bincount(okeys, weights=bb_full, minlength=5)[:4]
+        occ = np.maximum(st, reserved)
+        _check_capacity(caps, policy, occ, s)
+        stored[s], occupancy[s] = st, occ
+
+        t0 = time.perf_counter()
+        policy.observe(view, ctx.mass[s])
+        decision_s += time.perf_counter() - t0
+        P, alive_prev, occ_prev = P_new, alive, st
+
+    traffic = StepTraffic(
+        read_bytes=read_bytes, read_blocks=read_blocks, read_tokens=read_tokens, write_bytes=write_bytes,
+        write_blocks=write_blocks, move_bytes=move_bytes, move_count=move_count,
+        n_tokens=ctx.n_tokens, ctx_tokens=ctx.ctx_tokens,
+    )
+    return EngineRecord(start, traffic, occupancy, stored, alloc, freed, dropped, n_visible, decision_s, "vectorised")
+
+
+def _run_fixed(ctx: ReplayContext, policy: Policy, start: StartDecision, decision_s: float) -> EngineRecord:
+    """All steps at once for a placement that never changes: prefix sums over blocks."""
+    S, L, NB, B = ctx.n_steps, ctx.n_layers, ctx.n_blocks, ctx.block_tokens
+    P = np.asarray(start.placement, dtype=np.int8)
+    ever_alive = np.arange(NB)[None, :] < int(ctx.hi_block.max())
+    _check_placement(ctx, policy, P, np.broadcast_to(ever_alive, (L, NB)), 0)
+    onehot = (P[None, :, :] == np.arange(4)[:, None, None]).astype(np.float64)  # [4, L, NB]
+    cum = np.zeros((4, L, NB + 1))
+    np.cumsum(onehot, axis=2, out=cum[:, :, 1:])
+    lay = np.arange(L)[None, :]
+    hi = np.broadcast_to(ctx.hi_block[:, None], (S, L))
+    lo_v, lo_a = ctx.lo_visible, ctx.lo_alive
+
+    def range_sum(c: np.ndarray, lo: np.ndarray, up: np.ndarray) -> np.ndarray:  # -> [S, L, 4]
+        return np.moveaxis(c[:, lay, up] - c[:, lay, lo], 0, -1)
+
+    counts = range_sum(cum, lo_v, hi)
+    bpt = ctx.bytes_per_token.astype(np.float64)
+    read_bytes = counts * ctx.block_bytes[None, :, None]
+    read_tokens = counts.sum(axis=2) * B
+    # partial first (window start) and last blocks
+    miss_f = ctx.lo_visible_pos - lo_v * B
+    miss_l = hi * B - ctx.ctx_tokens[:, None]
+    s_idx = np.broadcast_to(np.arange(S)[:, None], (S, L))
+    l_idx = np.broadcast_to(np.arange(L)[None, :], (S, L))
+    for blk, miss in ((lo_v, miss_f), (hi - 1, miss_l)):
+        t = P[l_idx, blk].astype(np.int64)
+        np.subtract.at(read_bytes, (s_idx, l_idx, t), miss * bpt[None, :])
+        read_tokens -= miss
+    read_blocks = counts
+
+    write_bytes = np.zeros((S, L, 4))
+    write_blocks = np.zeros((S, L, 4))
+    for s in range(S):
+        _write_counts(ctx, s, P, write_bytes[s], write_blocks[s])
+
+    cumb = cum * ctx.block_bytes[None, :, None]
+    stored = range_sum(cumb, lo_a, hi).sum(axis=1)
+    hi_prev = np.concatenate([np.zeros((1, L), dtype=np.int64), hi[:-1]])
+    lo_a_prev = np.concatenate([np.zeros((1, L), dtype=np.int64), lo_a[:-1]])
+    alloc = range_sum(cumb, np.maximum(hi_prev, lo_a), np.maximum(hi_prev, hi)).sum(axis=1)
+    freed = range_sum(cumb, lo_a_prev, np.maximum(lo_a_prev, np.minimum(lo_a, hi_prev))).sum(axis=1)
+    reserved = np.zeros(4) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
+    occupancy = np.maximum(stored, reserved[None, :])
+    caps = capacity_of(ctx, start)
+    for s in np.flatnonzero((occupancy > caps * (1 + _CAPACITY_SLACK) + 1.0).any(axis=1))[:1]:
+        _check_capacity(caps, policy, occupancy[s], int(s))
+    n_visible = (hi - lo_v).sum(axis=1).astype(np.float64)
+    traffic = StepTraffic(
+        read_bytes=read_bytes, read_blocks=read_blocks, read_tokens=read_tokens, write_bytes=write_bytes,
+        write_blocks=write_blocks, move_bytes=np.zeros((S, 3, 4, 4)), move_count=np.zeros((S, 3, 4, 4)),
+        n_tokens=ctx.n_tokens, ctx_tokens=ctx.ctx_tokens,
+    )
+    return EngineRecord(
+        start, traffic, occupancy, stored, alloc, freed, np.zeros((S, L)), n_visible, decision_s, "vectorised-fixed"
+    )
