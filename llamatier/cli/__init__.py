@@ -12,6 +12,7 @@ from llamatier.cli.app import app
 # Command modules; each registers its commands with @app.command().
 _COMMAND_MODULES = [
     "llamatier.cli.trace_cmd",
+    "llamatier.cli.kvtypes_cmd",
     "llamatier.cli.profiles_cmd",
     "llamatier.cli.calibrate_cmd",
     "llamatier.cli.quality_cmd",
