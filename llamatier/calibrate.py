@@ -239,32 +239,44 @@ def fit_host_model(
     n_free = full.shape[1]
     a_all = full / data.decode_s[:, None]  # relative residuals: (pred - t) / t = a @ c - 1
     keep = candidates.copy()
-    coef = np.zeros(n_free)
+    prev_keep = keep
     it = 0
     for _ in range(max_iterations):
         it += 1
-        if keep.sum() < n_free + 2:
-            raise LlamatierError(
-                f"{int(keep.sum())} usable steps for {n_free} parameters: calibrate on more or longer traces"
-            )
         a = a_all[keep]
         scale = np.linalg.norm(a, axis=0)
         scale[scale == 0] = 1.0
         rank = np.linalg.matrix_rank(a / scale)
-        if rank < n_free:
-            raise LlamatierError(
-                f"the traces cannot separate the model's {n_free} parameters (rank {rank}): add traces with "
-                "other context lengths, prompt lengths, KV types or thread counts"
-            )
+        if keep.sum() < n_free + 2 or rank < n_free:
+            if it == 1 and keep.sum() < n_free + 2:
+                raise LlamatierError(
+                    f"{int(keep.sum())} usable steps for {n_free} parameters: calibrate on more or longer traces"
+                )
+            if it == 1:
+                raise LlamatierError(
+                    f"the traces cannot separate the model's {n_free} parameters (rank {rank}): add traces with "
+                    "other context lengths, prompt lengths, KV types or thread counts"
+                )
+            keep = prev_keep  # trimming removed what identifies a parameter: keep the last identifiable set
+            break
         coef = nnls(a / scale, np.ones(int(keep.sum()))) / scale
         rel = a_all @ coef - 1.0
-        center = float(np.median(rel[keep]))
-        sigma = 1.4826 * float(np.median(np.abs(rel[keep] - center)))
-        limit = max(outlier_sigmas * sigma, min_outlier_ape)
-        new_keep = candidates & (np.abs(rel - center) <= limit)
+        new_keep = candidates.copy()
+        for phase_mask in (data.is_decode, ~data.is_decode):  # robust scale per phase: few prefill steps
+            group = keep & phase_mask
+            if not group.any():
+                continue
+            center = float(np.median(rel[group]))
+            sigma = 1.4826 * float(np.median(np.abs(rel[group] - center)))
+            limit = max(outlier_sigmas * sigma, min_outlier_ape)
+            new_keep &= ~phase_mask | (np.abs(rel - center) <= limit)
         if np.array_equal(new_keep, keep):
             break
-        keep = new_keep
+        prev_keep, keep = keep, new_keep
+    a = a_all[keep]
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    coef = nnls(a / scale, np.ones(int(keep.sum()))) / scale
     predicted = full @ coef
     rel = predicted / data.decode_s - 1.0
     serial = coef[: len(terms)]
