@@ -35,6 +35,6 @@ def kvtypes(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
     for r in rows:
         tab.add_row(
             r["name"], str(r["block_elements"]), str(r["block_bytes"]), f"{r['bits_per_element']:.3f}",
-            f"{-100 * r['saving_vs_f16']:+.2f}%", "flash attn only" if r["needs_flash_attn_as_v"] else "any",
+            f"{(r['bits_per_element'] / 16 - 1) * 100:+.2f}%", "flash attn only" if r["needs_flash_attn_as_v"] else "any",
         )
     console.print(tab)
