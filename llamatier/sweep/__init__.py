@@ -1,0 +1,35 @@
+"""Budget sweeps: replay every combination of profile, KV type, policy and HBM budget.
+
+Each cell is a frozen :class:`SweepCell`; :func:`run_cell` turns it into one
+row, a pure function of the cell, so cells run on any executor. Rows go to one
+Parquet file (:func:`write_results`), one row per cell.
+"""
+
+from llamatier.sweep.budgets import BudgetPoint, parse_budgets
+from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, peak_kv_bytes, run_cell, summary_row
+from llamatier.sweep.runner import (
+    default_jobs,
+    make_cells,
+    read_results,
+    rows_frame,
+    run_cells,
+    sweep,
+    write_results,
+)
+
+__all__ = [
+    "ROW_SCHEMA",
+    "BudgetPoint",
+    "SweepCell",
+    "default_jobs",
+    "make_cells",
+    "parse_budgets",
+    "peak_kv_bytes",
+    "read_results",
+    "rows_frame",
+    "run_cell",
+    "run_cells",
+    "summary_row",
+    "sweep",
+    "write_results",
+]

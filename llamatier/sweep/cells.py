@@ -1,0 +1,238 @@
+"""One sweep cell: a frozen, picklable spec of one replay, and the pure function that runs it.
+
+``run_cell(cell) -> row`` loads the trace and profile by name, resolves the
+cell's HBM budget against its KV bytes, replays, and flattens the summary into
+one flat dict with a fixed set of columns (:data:`ROW_SCHEMA`). Nothing in it
+depends on the process it runs in, so any executor (local processes today, a
+cluster later) can run cells and get the same rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from llamatier.errors import LlamatierError
+from llamatier.hardware import LINK_NAMES, TIER_NAMES, Profile, load_profile
+from llamatier.sweep.budgets import BudgetPoint
+from llamatier.trace import Trace, load_trace
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """Every input of one replay in a sweep (plain values only: picklable, hashable)."""
+
+    trace_path: str
+    profile: str  # profile name or TOML path
+    policy: str
+    hbm_budget: BudgetPoint = field(default_factory=BudgetPoint)
+    kv_type: str | None = None  # "q8_0" or "q8_0/f16"; None: the trace's own types
+    geometry: str | None = None  # preset name or GGUF path (what-if); None: the traced model
+    block_tokens: int | None = None
+    mode: str = "lossless"
+    block_budget: int | None = None
+    static_mode: str = "nkvo"
+    dram_reads: str = "auto"
+    prefetch: bool = False
+    swa_full: bool = False
+
+    def options(self, hbm_budget_bytes: int | None = None) -> Any:
+        """The ReplayOptions of this cell, with the HBM budget given in bytes (None: the profile's)."""
+        from llamatier.replay import ReplayOptions
+
+        return ReplayOptions(
+            mode=self.mode,
+            block_budget=self.block_budget,
+            hbm_budget_bytes=hbm_budget_bytes,
+            kv_type=self.kv_type,
+            target=_geometry(self.geometry) if self.geometry else None,
+            block_tokens=self.block_tokens,
+            static_mode=self.static_mode,
+            dram_reads=self.dram_reads,
+            prefetch=self.prefetch,
+            swa_full=self.swa_full,
+        )
+
+
+# -- per-process caches (a worker loads each trace/profile once) ----------------------------
+
+
+@lru_cache(maxsize=4)
+def _trace(path: str) -> Trace:
+    return load_trace(path)
+
+
+@lru_cache(maxsize=16)
+def _profile(name: str) -> Profile:
+    return load_profile(name)
+
+
+@lru_cache(maxsize=16)
+def _geometry(name: str) -> Any:
+    from llamatier.geometry_presets import resolve_geometry
+
+    return resolve_geometry(name)
+
+
+def peak_kv_bytes(ctx: Any) -> float:
+    """Most KV bytes the trace stores at once under a replay context (alive blocks, all layers).
+
+    This is what "100%" means on a sweep's budget axis: with this much HBM
+    every block a step keeps fits in HBM (llama.cpp's static placement needs
+    more: it reserves the whole n_ctx up front).
+    """
+    alive_blocks = ctx.hi_block[:, None] - ctx.lo_alive  # [S, L]
+    return float((alive_blocks * ctx.block_bytes[None, :]).sum(axis=1).max()) if ctx.n_steps else 0.0
+
+
+# -- the row: a fixed, typed set of columns --------------------------------------------------
+
+_F, _I, _S, _B = pl.Float64, pl.Int64, pl.Utf8, pl.Boolean
+
+# (column, dtype, path into ReplayResult.summary())
+_OUTPUTS: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("runs", _B, ("runs",)),
+    ("verdict", _S, ("verdict",)),
+    ("bound", _B, ("bound",)),
+    ("target_model", _S, ("model",)),
+    ("what_if", _B, ("what_if",)),
+    *[(f"budget_{t}_bytes", _F, ("budget_bytes", t)) for t in TIER_NAMES],
+    ("decode_steps", _I, ("latency", "decode_steps")),
+    *[(f"{k}_s", _F, ("latency", f"{k}_s")) for k in ("p50", "p90", "p99", "max", "mean", "ttft", "total")],
+    ("tok_per_s", _F, ("latency", "tok_per_s")),
+    *[
+        (f"decode_{k}_s", _F, ("decode_time_split_s", k))
+        for k in ("compute", "host_layers", "hbm", "host_attention", "link")
+    ],
+    *[(f"read_{t}_bytes", _F, ("bytes_read", t)) for t in TIER_NAMES],
+    *[(f"written_{t}_bytes", _F, ("bytes_written", t)) for t in TIER_NAMES],
+    *[(f"link_{n}_{d}_bytes", _F, ("bytes_per_link", n, d)) for n in LINK_NAMES for d in ("up", "down")],
+    ("migrated_blocks", _F, ("migrations", "blocks")),
+    ("migrated_bytes", _F, ("migrations", "bytes")),
+    ("prefetched_blocks", _F, ("migrations", "prefetched_blocks")),
+    *[(f"peak_{t}_bytes", _F, ("peak_occupancy_bytes", t)) for t in TIER_NAMES],
+    ("dropped_mass_mean", _F, ("attention_mass_dropped", "mean")),
+    ("dropped_mass_p99_step", _F, ("attention_mass_dropped", "p99_step")),
+    ("energy_total_j", _F, ("energy_j", "total")),
+    ("energy_per_token_j", _F, ("energy_j", "per_decode_token")),
+    ("energy_weights_j", _F, ("energy_j", "weights")),
+    ("energy_transfers_j", _F, ("energy_j", "transfers")),
+    ("energy_compute_j", _F, ("energy_j", "compute")),
+    *[(f"energy_kv_{t}_j", _F, ("energy_j", "kv", t)) for t in TIER_NAMES],
+    ("block_accesses", _I, ("replay", "block_accesses")),
+    ("replay_wall_s", _F, ("replay", "wall_s")),
+    ("decision_s", _F, ("policy_decision", "total_s")),
+]
+
+_INPUTS: list[tuple[str, Any]] = [
+    ("trace", _S),
+    ("traced_model", _S),
+    ("profile", _S),
+    ("policy", _S),
+    ("kv_type", _S),
+    ("geometry", _S),
+    ("block_tokens", _I),
+    ("mode", _S),
+    ("block_budget", _I),
+    ("static_mode", _S),
+    ("dram_reads", _S),
+    ("prefetch", _B),
+    ("swa_full", _B),
+    ("hbm_budget", _S),  # as given: "25%", "1.00 GiB", "auto"
+    ("hbm_budget_fraction", _F),  # of kv_peak_bytes (None when given as a size or auto)
+    ("hbm_budget_bytes", _F),  # the HBM budget the replay used
+    ("kv_peak_bytes", _F),  # most KV bytes the trace stores at once (the 100% of the axis)
+    ("kv_n_ctx_bytes", _F),  # KV llama.cpp reserves for n_ctx (what static needs in HBM)
+]
+
+_EXTRA: list[tuple[str, Any]] = [("error", _S), ("notes", _S), ("cell_wall_s", _F)]
+
+ROW_SCHEMA: dict[str, Any] = {
+    "cell": _I,
+    **dict(_INPUTS),
+    **{name: dtype for name, dtype, _ in _OUTPUTS},
+    **dict(_EXTRA),
+}
+
+
+def _get(d: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _cast(value: Any, dtype: Any) -> Any:
+    if value is None:
+        return None
+    if dtype == _F:
+        v = float(value)
+        return None if np.isnan(v) else v
+    if dtype == _I:
+        return int(value)
+    if dtype == _B:
+        return bool(value)
+    return str(value)
+
+
+def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The output columns of a row from ``ReplayResult.summary()`` (None where a figure is absent)."""
+    out = {name: _cast(_get(summary, path), dtype) for name, dtype, path in _OUTPUTS}
+    out["notes"] = "; ".join(summary.get("notes", [])) or None
+    return out
+
+
+def run_cell(cell: SweepCell) -> dict[str, Any]:
+    """Replay one cell; returns its row (every column of :data:`ROW_SCHEMA` except ``cell``).
+
+    Input errors of this one cell (e.g. weights that do not fit the profile's
+    HBM) land in the row's ``error`` column, so one impossible combination does
+    not stop a sweep; the caller decides what to do with them.
+    """
+    from llamatier.replay import prepare, replay
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {name: None for name in ROW_SCHEMA if name != "cell"}
+    row.update(
+        trace=cell.trace_path,
+        profile=cell.profile,
+        policy=cell.policy,
+        kv_type=cell.kv_type,
+        geometry=cell.geometry,
+        block_tokens=cell.block_tokens,
+        mode=cell.mode,
+        block_budget=cell.block_budget,
+        static_mode=cell.static_mode,
+        dram_reads=cell.dram_reads,
+        prefetch=cell.prefetch,
+        swa_full=cell.swa_full,
+        hbm_budget=cell.hbm_budget.label,
+        hbm_budget_fraction=cell.hbm_budget.fraction,
+        runs=False,
+    )
+    try:
+        trace = _trace(cell.trace_path)
+        row["traced_model"] = trace.model.name
+        profile = _profile(cell.profile)
+        ctx = prepare(trace, profile, cell.options(None))
+        row["kv_type"] = f"{ctx.type_k.name}/{ctx.type_v.name}"
+        row["block_tokens"] = ctx.block_tokens
+        kv_peak = peak_kv_bytes(ctx)
+        row["kv_peak_bytes"] = kv_peak
+        row["kv_n_ctx_bytes"] = float(ctx.reserved_bytes_per_layer().sum())
+        hbm = cell.hbm_budget.resolve_bytes(kv_peak)
+        result = replay(trace, profile, cell.policy, cell.options(hbm))
+        row.update(summary_row(result.summary()))
+        row["hbm_budget_bytes"] = row["budget_hbm_bytes"]
+    except LlamatierError as exc:
+        row["error"] = str(exc)
+    row["cell_wall_s"] = time.perf_counter() - t0
+    return row
+
+

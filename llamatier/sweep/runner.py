@@ -1,0 +1,210 @@
+"""Build the cells of a sweep, run them on any executor, and store the rows as Parquet."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from llamatier.errors import LlamatierError
+from llamatier.sweep.budgets import BudgetPoint
+from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, _geometry, _profile, _trace, run_cell
+
+ProgressFn = Callable[[int, int], None]  # (cells done, cells total)
+
+
+def default_jobs() -> int:
+    """Worker processes by default: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _split(values: str | Sequence[str] | None) -> list[str | None]:
+    if values is None:
+        return [None]
+    items = values.split(",") if isinstance(values, str) else list(values)
+    out = [v.strip() for v in items if v is not None and str(v).strip()]
+    return list(dict.fromkeys(out)) or [None]
+
+
+def make_cells(
+    trace_path: str | Path,
+    *,
+    policies: str | Sequence[str] = ("static", "lru", "adaptive", "oracle"),
+    budgets: Sequence[BudgetPoint] = (BudgetPoint(),),
+    profiles: str | Sequence[str] = ("a100-40g",),
+    kv_types: str | Sequence[str] | None = None,
+    geometry: str | None = None,
+    block_tokens: int | None = None,
+    mode: str = "lossless",
+    block_budget: int | None = None,
+    static_mode: str = "nkvo",
+    dram_reads: str = "auto",
+    prefetch: bool = False,
+    swa_full: bool = False,
+) -> list[SweepCell]:
+    """Every combination of profile x KV type x policy x budget, validated before anything runs.
+
+    Bad names (policy, profile, KV type, geometry) and bad options raise one
+    LlamatierError here, in the calling process, not in a worker.
+    """
+    from llamatier.kvtypes import parse_kv_pair
+    from llamatier.policies import get_policy
+
+    path = str(Path(trace_path))
+    _trace(path)  # a missing or corrupt trace fails here, once
+    pols = [p for p in _split(policies) if p]
+    profs = [p for p in _split(profiles) if p]
+    kvs = _split(kv_types)
+    if not pols:
+        raise LlamatierError("no policies given: e.g. --policies static,lru,adaptive,oracle")
+    if not profs:
+        raise LlamatierError("no profiles given: e.g. --profiles a100-40g,l4 (see `llamatier profiles`)")
+    if not budgets:
+        raise LlamatierError("no HBM budgets given: e.g. --hbm-budget 10%..100%")
+    for p in pols:
+        get_policy(p)
+    for p in profs:
+        _profile(p)
+    for k in kvs:
+        if k is not None:
+            parse_kv_pair(k)
+    if geometry:
+        _geometry(geometry)
+    cells = [
+        SweepCell(
+            trace_path=path,
+            profile=prof,
+            policy=pol.lower(),
+            hbm_budget=b,
+            kv_type=kv,
+            geometry=geometry or None,
+            block_tokens=block_tokens,
+            mode=mode,
+            block_budget=block_budget,
+            static_mode=static_mode,
+            dram_reads=dram_reads,
+            prefetch=prefetch,
+            swa_full=swa_full,
+        )
+        for prof, kv, pol, b in itertools.product(profs, kvs, pols, budgets)
+    ]
+    cells[0].options(None)  # option errors (mode, block budget, ...) surface here
+    return cells
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    # forkserver: workers do not inherit the parent's threads (the progress bar's) or llama.cpp state
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+
+
+def run_cells(
+    cells: Sequence[SweepCell],
+    *,
+    executor: Executor | None = None,
+    jobs: int | None = None,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:
+    """Run every cell; rows come back in cell order, each with its ``cell`` index.
+
+    ``executor``: any ``concurrent.futures.Executor`` (it is used, not shut
+    down), e.g. a cluster backend's. Without one, ``jobs`` worker processes run
+    the cells (default: usable cores); ``jobs=1`` runs them in this process.
+    Workers start through forkserver (polars and llama.cpp hold threads that
+    fork would copy mid-lock), so a script that calls this needs the usual
+    ``if __name__ == "__main__":`` guard.
+    """
+    n = len(cells)
+    if jobs is not None and jobs < 1:
+        raise LlamatierError(f"--jobs must be >= 1 (got {jobs})")
+    rows: list[dict[str, Any] | None] = [None] * n
+    done = 0
+    if progress:
+        progress(0, n)
+    if executor is None and (min(jobs or default_jobs(), n) <= 1):
+        for i, cell in enumerate(cells):
+            rows[i] = run_cell(cell)
+            done += 1
+            if progress:
+                progress(done, n)
+    else:
+        own = executor is None
+        pool = executor if executor is not None else _pool(min(jobs or default_jobs(), n))
+        try:
+            futures = {pool.submit(run_cell, cell): i for i, cell in enumerate(cells)}
+            for fut in as_completed(futures):
+                rows[futures[fut]] = fut.result()
+                done += 1
+                if progress:
+                    progress(done, n)
+        except BrokenProcessPool:
+            raise LlamatierError(
+                "a sweep worker process died before finishing its cell: in a script, call run_cells under "
+                "`if __name__ == '__main__':` (workers re-import the main module), or run with jobs=1"
+            ) from None
+        finally:
+            if own:
+                pool.shutdown(cancel_futures=True)
+    return [{"cell": i, **r} for i, r in enumerate(rows) if r is not None]
+
+
+def rows_frame(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """Rows as a polars frame with the fixed sweep schema (one row per cell)."""
+    rows = list(rows)
+    return pl.DataFrame(
+        [{k: r.get(k) for k in ROW_SCHEMA} for r in rows], schema=ROW_SCHEMA, orient="row"
+    ) if rows else pl.DataFrame(schema=ROW_SCHEMA)
+
+
+def write_results(rows: Iterable[dict[str, Any]] | pl.DataFrame, path: str | Path) -> Path:
+    """Write sweep rows to one Parquet file; returns its path."""
+    df = rows if isinstance(rows, pl.DataFrame) else rows_frame(rows)
+    p = Path(path)
+    if p.is_dir():
+        raise LlamatierError(f"--out {p} is a directory: give a file name such as {p / 'sweep.parquet'}")
+    if not p.parent.exists():
+        raise LlamatierError(f"cannot write {p}: folder {p.parent} does not exist (create it first)")
+    try:
+        df.write_parquet(p)
+    except OSError as exc:
+        raise LlamatierError(f"cannot write {p}: {exc.strerror or exc}") from None
+    return p
+
+
+def read_results(path: str | Path) -> pl.DataFrame:
+    """Read a sweep's Parquet file back, checking it has the sweep columns."""
+    p = Path(path)
+    if not p.exists():
+        raise LlamatierError(f"sweep results not found: {p} (run `llamatier sweep TRACE --out {p}`)")
+    try:
+        df = pl.read_parquet(p)
+    except Exception:
+        raise LlamatierError(f"{p} is not a readable Parquet file: re-run the sweep") from None
+    missing = [c for c in ("policy", "profile", "kv_type", "hbm_budget_bytes", "p99_s") if c not in df.columns]
+    if missing:
+        raise LlamatierError(f"{p} is not a llamatier sweep (no columns {missing}): re-run `llamatier sweep`")
+    return df
+
+
+def sweep(
+    trace_path: str | Path,
+    *,
+    executor: Executor | None = None,
+    jobs: int | None = None,
+    progress: ProgressFn | None = None,
+    **cell_args: Any,
+) -> pl.DataFrame:
+    """make_cells + run_cells + rows_frame in one call (``cell_args`` go to :func:`make_cells`)."""
+    cells = make_cells(trace_path, **cell_args)
+    return rows_frame(run_cells(cells, executor=executor, jobs=jobs, progress=progress))
