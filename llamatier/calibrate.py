@@ -42,6 +42,7 @@ class StepData:
     n_tokens: np.ndarray  # int
     n_kv: np.ndarray  # int, cells visible after the step (pos0 + n_tokens), unpadded
     n_kv_measured: np.ndarray  # int, cells llama.cpp attended (padded), 0 if not captured
+    n_outputs: np.ndarray  # int, logits rows computed (1 if the step sampled a token, else 0)
     n_ctx: np.ndarray  # int
     n_threads: np.ndarray  # int
     n_ubatch: np.ndarray  # int
@@ -82,6 +83,7 @@ def steps_from_traces(traces: Sequence[Trace]) -> StepData:
         cols["n_tokens"].append(nt)
         cols["n_kv"].append(pos0 + nt)
         cols["n_kv_measured"].append(s["n_kv"].to_numpy().astype(np.int64))
+        cols["n_outputs"].append((s["token_out"].to_numpy() >= 0).astype(np.int64))
         cols["n_ctx"].append(np.full(n, int(ctx.get("n_ctx", tr.n_ctx)), dtype=np.int64))
         cols["n_threads"].append(np.full(n, int(ctx["n_threads"]), dtype=np.int64))
         cols["n_ubatch"].append(np.full(n, int(ctx.get("n_ubatch", ctx.get("n_batch", 0)) or 0), dtype=np.int64))
@@ -149,6 +151,9 @@ def default_terms(data: StepData, mask: np.ndarray | None = None) -> tuple[str, 
     m = np.ones(data.n, dtype=bool) if mask is None else mask
     batched = data.n_tokens[m] > 1
     terms = ["step"]
+    outs = data.n_outputs[m]
+    if outs.min() != outs.max():  # batches without logits (early prefill chunks) separate this cost
+        terms.append("output")
     if batched.any():
         terms.append("token")
     for tk in sorted(set(data.type_k[m].tolist())):
@@ -233,7 +238,8 @@ def fit_host_model(
     terms = tuple(terms) if terms is not None else default_terms(data, candidates)
     thread_counts = tuple(sorted(set(data.n_threads[candidates].tolist())))
     padded = pad_kv_cells(data.n_kv, pad, data.n_ctx)
-    x = design_matrix(terms, n_tokens=data.n_tokens, n_kv_padded=padded, type_k=data.type_k, type_v=data.type_v)
+    x = design_matrix(terms, n_tokens=data.n_tokens, n_kv_padded=padded, type_k=data.type_k, type_v=data.type_v,
+                      n_outputs=data.n_outputs)
     both = len(thread_counts) > 1
     full = np.hstack([x, x / data.n_threads[:, None]]) if both else x
     n_free = full.shape[1]

@@ -105,6 +105,7 @@ def predict_steps(profile: Profile, data: StepData) -> np.ndarray:
         type_v=data.type_v,
         n_threads=data.n_threads,
         n_ctx=data.n_ctx,
+        n_outputs=data.n_outputs,
     )
 
 

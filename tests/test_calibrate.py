@@ -15,9 +15,9 @@ from llamatier.hardware import HostComputeModel, load_profile, pad_kv_cells
 from tests.conftest import assert_one_line_error, run_cli, trace_model
 
 TRUE = HostComputeModel(
-    terms=("step", "token", "kv@k=f16", "token_kv@k=f16", "kv@k=q8_0", "token_kv@k=q8_0"),
-    serial_s=(2e-3, 1e-5, 2e-7, 1e-9, 1.5e-7, 2e-9),
-    parallel_s=(20e-3, 4e-4, 3e-6, 2e-8, 2e-6, 3e-8),
+    terms=("step", "output", "token", "kv@k=f16", "token_kv@k=f16", "kv@k=q8_0", "token_kv@k=q8_0"),
+    serial_s=(2e-3, 1e-3, 1e-5, 2e-7, 1e-9, 1.5e-7, 2e-9),
+    parallel_s=(20e-3, 8e-3, 4e-4, 3e-6, 2e-8, 2e-6, 3e-8),
     k_types=("f16", "q8_0"),
     v_types=("f16",),
     thread_counts=(1, 2),
@@ -38,17 +38,18 @@ def synthetic_steps(model: HostComputeModel = TRUE, *, noise: float = 0.0, outli
             pos += n
         steps += [(1, prompt + i) for i in range(n_predict)]
         for i, (n, p) in enumerate(steps):
-            rows.append((ti, i, n == 1 and p >= prompt, n, p + n, n_ctx, th, tk))
-    ti, step, dec, nt, nkv, nctx, th = (np.array([r[j] for r in rows]) for j in range(7))
-    tk = np.array([r[7] for r in rows], dtype=object)
+            rows.append((ti, i, n == 1 and p >= prompt, n, p + n, n_ctx, th, int(p + n >= prompt), tk))
+    ti, step, dec, nt, nkv, nctx, th, outs = (np.array([r[j] for r in rows]) for j in range(8))
+    tk = np.array([r[8] for r in rows], dtype=object)
     tv = np.full(len(rows), "f16", dtype=object)
-    t = model.predict_step_s(n_tokens=nt, n_kv=nkv, type_k=tk, type_v=tv, n_threads=th, n_ctx=nctx)
+    t = model.predict_step_s(n_tokens=nt, n_kv=nkv, type_k=tk, type_v=tv, n_threads=th, n_ctx=nctx,
+                             n_outputs=outs)
     factor = 1 + noise * rng.standard_normal(t.size)
     outliers = rng.random(t.size) < outlier_frac
     factor[outliers] *= 1.6
     return StepData(
         trace_index=ti, step=step, is_decode=dec.astype(bool), n_tokens=nt, n_kv=nkv,
-        n_kv_measured=pad_kv_cells(nkv, 256, nctx), n_ctx=nctx, n_threads=th, n_ubatch=np.full(t.size, 512),
+        n_kv_measured=pad_kv_cells(nkv, 256, nctx), n_outputs=outs, n_ctx=nctx, n_threads=th, n_ubatch=np.full(t.size, 512),
         type_k=tk, type_v=tv, decode_s=t * factor, trace_names=tuple(f"t{i}" for i in range(ti.max() + 1)),
         model_names=("synthetic",), model_weight_bytes=(1,),
     ), outliers
@@ -90,16 +91,20 @@ def test_fit_is_robust_to_noise_and_outliers():
     # the outliers (60% slower steps, as when another process steals a core) are found and dropped
     assert fit.outliers[injected & ~fit.warmup].mean() > 0.95
     assert (fit.outliers & ~injected).sum() < 0.01 * data.n
-    # the terms that carry most of the time come back within a few percent
-    for term in ("step", "token", "kv@k=f16", "kv@k=q8_0", "token_kv@k=f16", "token_kv@k=q8_0"):
-        j = fit.model.terms.index(term)
-        assert fit.model.parallel_s[j] == pytest.approx(TRUE.parallel_s[j], rel=0.08), term
+    # the terms that carry most of the time come back within a few percent (1% noise leaves the small
+    # serial parts loosely determined; step and output are told apart by a few prefill steps only)
+    par = dict(zip(fit.model.terms, fit.model.parallel_s, strict=True))
+    true = dict(zip(TRUE.terms, TRUE.parallel_s, strict=True))
+    assert par["step"] + par["output"] == pytest.approx(true["step"] + true["output"], rel=0.05)
+    for term in ("token", "kv@k=f16", "kv@k=q8_0"):
+        assert par[term] == pytest.approx(true[term], rel=0.05), term
     # predictions on fresh noise-free steps stay close
     clean, _ = synthetic_steps(seed=9)
     pred = fit.model.predict_step_s(n_tokens=clean.n_tokens, n_kv=clean.n_kv, type_k=clean.type_k,
-                                    type_v=clean.type_v, n_threads=clean.n_threads, n_ctx=clean.n_ctx)
+                                    type_v=clean.type_v, n_threads=clean.n_threads, n_ctx=clean.n_ctx,
+                                    n_outputs=clean.n_outputs)
     rel = np.abs(pred / clean.decode_s - 1)
-    assert np.median(rel[clean.is_decode]) < 0.01
+    assert np.median(rel[clean.is_decode]) < 0.01 and np.percentile(rel[clean.is_decode], 95) < 0.02
 
 
 def test_single_thread_count_and_unseen_types_are_refused():
@@ -126,10 +131,11 @@ def test_padding_and_ubatch_split():
     assert pad_kv_cells(np.array([1, 256, 257, 4000]), 256, 4096).tolist() == [256, 256, 512, 4096]
     data, _ = synthetic_steps()
     assert infer_kv_pad_cells(data) == (256, 1.0)
-    # a 1,024-token batch with n_ubatch 512 costs the same as its two ubatches
+    # a 1,024-token batch with n_ubatch 512 costs the same as its two ubatches (logits from the last one)
     whole = TRUE.predict_step_s(n_tokens=[1024], n_kv=[1024], type_k="f16", type_v="f16", n_threads=2,
                                 n_ubatch=512)
-    parts = TRUE.predict_step_s(n_tokens=[512, 512], n_kv=[512, 1024], type_k="f16", type_v="f16", n_threads=2)
+    parts = TRUE.predict_step_s(n_tokens=[512, 512], n_kv=[512, 1024], type_k="f16", type_v="f16", n_threads=2,
+                                n_outputs=[0, 1])
     assert whole[0] == pytest.approx(parts.sum())
 
 

@@ -8,7 +8,9 @@ that does not shrink with threads and a part that does::
 Work counts ("terms") for a batch of ``n_tokens`` attending ``n_kv`` cells
 (``n_kv`` padded the way llama.cpp pads it, to a multiple of ``kv_pad_cells``):
 
-- ``step``      1 per llama_decode ubatch (graph launch, output logits, sampling)
+- ``step``      1 per llama_decode ubatch (graph launch, thread sync)
+- ``output``    rows of logits computed (1 for a decode step, 1 for the last prefill batch, else 0):
+                the output projection over the whole vocabulary
 - ``token``     n_tokens (weight matmuls, norms, per-token work)
 - ``kv``        n_kv (reading the K/V cache once per ubatch)
 - ``token_kv``  n_tokens * n_kv (Q·K scores, softmax, weighted V)
@@ -27,7 +29,7 @@ import numpy as np
 
 from llamatier.errors import LlamatierError
 
-BASE_TERMS = ("step", "token", "kv", "token_kv")
+BASE_TERMS = ("step", "output", "token", "kv", "token_kv")
 DEFAULT_KV_PAD_CELLS = 256  # llama.cpp pads attended KV cells to 256 with flash attention off
 
 
@@ -69,14 +71,16 @@ def design_matrix(
     n_kv_padded: np.ndarray,
     type_k: str | np.ndarray,
     type_v: str | np.ndarray,
+    n_outputs: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Work counts ``X[step, term]`` for already-padded ``n_kv`` (float64)."""
+    """Work counts ``X[step, term]`` for already-padded ``n_kv`` (float64); outputs default to 1."""
     nt = np.asarray(n_tokens, dtype=np.float64)
     nkv = np.asarray(n_kv_padded, dtype=np.float64)
     n = nt.shape[0]
     tk = _as_str_array(type_k, n)
     tv = _as_str_array(type_v, n)
-    base_values = {"step": np.ones(n), "token": nt, "kv": nkv, "token_kv": nt * nkv}
+    out = np.ones(n) if n_outputs is None else np.asarray(n_outputs, dtype=np.float64)
+    base_values = {"step": np.ones(n), "output": out, "token": nt, "kv": nkv, "token_kv": nt * nkv}
     x = np.empty((n, len(terms)), dtype=np.float64)
     for j, term in enumerate(terms):
         base, which, typ = parse_term(term)
@@ -149,6 +153,7 @@ class HostComputeModel:
         n_threads: np.ndarray | int,
         n_ctx: np.ndarray | int | None = None,
         n_ubatch: int | None = None,
+        n_outputs: np.ndarray | int | None = None,
     ) -> np.ndarray:
         """Predicted llama_decode wall time [s] per step.
 
@@ -156,6 +161,8 @@ class HostComputeModel:
         unpadded); the model pads it as llama.cpp does. Batches larger than
         ``n_ubatch`` (default: the value seen in calibration) are split into
         ubatches like llama.cpp does, each attending the cells filled so far.
+        ``n_outputs`` is the number of logits rows per step (default 1, as in decode;
+        prefill batches before the last compute none).
         """
         nt = np.atleast_1d(np.asarray(n_tokens, dtype=np.int64))
         nkv = np.atleast_1d(np.asarray(n_kv, dtype=np.int64))
@@ -166,6 +173,7 @@ class HostComputeModel:
         thr = np.broadcast_to(np.asarray(n_threads, dtype=np.float64), (n,))
         tk = _as_str_array(type_k, n)
         tv = _as_str_array(type_v, n)
+        outs = np.broadcast_to(np.asarray(1 if n_outputs is None else n_outputs, dtype=np.float64), (n,))
         ctx = None if n_ctx is None else np.broadcast_to(np.asarray(n_ctx, dtype=np.int64), (n,))
         ub = self.n_ubatch if n_ubatch is None else int(n_ubatch)
         owner = np.arange(n)
@@ -178,10 +186,14 @@ class HostComputeModel:
             pos0 = (nkv - nt)[owner]
             ub_tokens = np.minimum(ub, nt[owner] - j * ub)
             nt_u, nkv_u = ub_tokens, pos0 + j * ub + ub_tokens
+            last = np.append(owner[1:] != owner[:-1], True)  # logits come from a step's last ubatch
+            outs_u = np.where(last, outs[owner], 0.0)
         else:
-            nt_u, nkv_u = nt, nkv
+            nt_u, nkv_u, outs_u = nt, nkv, outs
         padded = pad_kv_cells(nkv_u, self.kv_pad_cells, None if ctx is None else ctx[owner])
-        x = design_matrix(self.terms, n_tokens=nt_u, n_kv_padded=padded, type_k=tk[owner], type_v=tv[owner])
+        x = design_matrix(
+            self.terms, n_tokens=nt_u, n_kv_padded=padded, type_k=tk[owner], type_v=tv[owner], n_outputs=outs_u
+        )
         per_ub = x @ np.asarray(self.serial_s) + (x / thr[owner][:, None]) @ np.asarray(self.parallel_s)
         return np.bincount(owner, weights=per_ub, minlength=n)
 
