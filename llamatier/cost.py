@@ -11,11 +11,13 @@ equations, in README form, are in docs/replay.md; in short (GPU profile)::
     per layer with KV below HBM (D bytes in n blocks):
       attend on host:  rt_host + D / BW_host_attn           (llama.cpp -nkvo)
       fetch:           D / rate(hbm_dram up) + n * fixed(hbm_dram)   (on the link)
-    T_link    = max over (link, direction) of
-                demand + migrations + max(0, prefetch - T_compute)
+    T_link    = sum over (link, direction) of (demand + migrations)
+                + max(0, sum of prefetch - T_compute)
 
 Blocks in SSD or remote come up through DRAM (one transfer per block on the
-lower link) and then take the DRAM path. Each link crossing costs
+lower link) and then take the DRAM path. Transfers on a step's critical path are
+serialised (one DMA queue; a conservative choice that also makes moving a
+block to a faster tier never cost time). Each link crossing costs
 ``bytes / rate + transfers * fixed``, where ``rate`` is the slowest of the link
 and the two tiers' read/write bandwidths and ``fixed`` is the link's latency and
 overhead plus the slower tier's request latency and overhead. On a CPU-only
@@ -247,8 +249,9 @@ class CostModel:
             mb, mbusy = self._crossings(tr.move_bytes[:, k], tr.move_count[:, k])
             m_bytes += mb
             busy[timing] = mbusy
-        exposed = d_busy + busy["demand"] + np.maximum(0.0, busy["prefetch"] - compute_s[:, None, None])
-        link_s = exposed.max(axis=(1, 2))
+        link_s = (d_busy + busy["demand"]).sum(axis=(1, 2)) + np.maximum(
+            0.0, busy["prefetch"].sum(axis=(1, 2)) - compute_s
+        )
         step_s = compute_s + host_layers_s + hbm_s + host_attn_s + link_s
 
         # energy

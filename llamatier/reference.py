@@ -45,52 +45,44 @@ MOVE_KINDS = {"demand": 0, "prefetch": 1, "free": 2}
 # -- per-access LRU ----------------------------------------------------------------------
 
 
-def _tier_at(position: float, cumcap: list[float]) -> int:
+def _tier_at(position: int, cum_slots: list[float]) -> int:
     t = 0
-    while t < N_TIERS and position > cumcap[t]:
+    while t < N_TIERS and position > cum_slots[t]:
         t += 1
     if t == N_TIERS:
-        raise CapacityExhausted(position, cumcap[-1])
+        raise CapacityExhausted(position, cum_slots[-1])
     return t
 
 
 def lru_step_reference(
-    stack: list[int], accesses: list[int], alive: np.ndarray, sizes: np.ndarray, cumcap: np.ndarray
+    stack: list[int], accesses: list[int], alive: np.ndarray, sizes: np.ndarray, cum_slots: np.ndarray
 ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One step of the tiered LRU, access by access (see llamatier.policies.lru for the rules).
 
-    Returns the new stack, the placement after the step, the tier each access
-    was served from, and the [4, 4] move bytes and counts.
+    ``cum_slots`` are the cumulative block slots per tier. Returns the new stack,
+    the placement after the step, the tier each access was served from, and
+    the [4, 4] move bytes and counts.
     """
-    size = [float(x) for x in sizes]
-    caps = [float(x) for x in cumcap]
+    slots = [float(x) for x in cum_slots]
     alive_flat = alive.ravel()
-    tier_start: dict[int, int] = {}
-    running = 0.0
-    for e in stack:
-        running += size[e]
-        tier_start[e] = _tier_at(running, caps)
+    tier_start = {e: _tier_at(i + 1, slots) for i, e in enumerate(stack)}
     current = list(stack)
     tier_access: dict[int, int] = {}
     tier_top: dict[int, int] = {}
     for k in accesses:
         if k in tier_start:
             i = current.index(k)
-            tier_access[k] = _tier_at(sum(size[x] for x in current[: i + 1]), caps)
+            tier_access[k] = _tier_at(i + 1, slots)
             del current[i]
         current.insert(0, k)
-        tier_top[k] = _tier_at(size[k], caps)
-    tier_end: dict[int, int] = {}
-    running = 0.0
-    for e in current:
-        running += size[e]
-        tier_end[e] = _tier_at(running, caps)
+        tier_top[k] = _tier_at(1, slots)
+    tier_end = {e: _tier_at(i + 1, slots) for i, e in enumerate(current)}
     mb = np.zeros((4, 4))
     mc = np.zeros((4, 4))
 
     def move(a: int, b: int, e: int) -> None:
         if a != b:
-            mb[a, b] += size[e]
+            mb[a, b] += float(sizes[e])
             mc[a, b] += 1
 
     accessed = set(accesses)
@@ -124,7 +116,8 @@ class ReferenceLRU(Policy):
 
     def start(self, ctx: ReplayContext) -> StartDecision:
         self.sizes = np.repeat(ctx.block_bytes, ctx.n_blocks)
-        self.cumcap = np.cumsum(ctx.capacity_bytes)
+        slot = float(np.max(ctx.block_bytes))
+        self.cum_slots = np.cumsum([c // slot for c in ctx.capacity_bytes])
         self.stack: list[int] = []
         self.sparse = ctx.options.mode == "sparse"
         self.budget = int(ctx.options.block_budget or 0)
@@ -138,13 +131,12 @@ class ReferenceLRU(Policy):
         read_mask = None
         L, NB = view.alive.shape
         if self.sparse and view.decode:
-            sel = default_read_selection(view, self.budget)
-            read_mask = sel & view.visible
-            want = sel | view.new_blocks
+            read_mask = default_read_selection(view, self.budget)
+            want = read_mask | view.new_blocks
         else:
             want = view.visible
         accesses = [layer * NB + b for layer in range(L) for b in range(NB) if want[layer, b]]
-        self.stack, P, rt, mb, mc = lru_step_reference(self.stack, accesses, view.alive, self.sizes, self.cumcap)
+        self.stack, P, rt, mb, mc = lru_step_reference(self.stack, accesses, view.alive, self.sizes, self.cum_slots)
         return StepDecision(placement=P, read_tier=rt, read_mask=read_mask, moves_bytes=mb, moves_count=mc)
 
 
@@ -243,7 +235,7 @@ def run_reference(ctx: ReplayContext, policy: Policy) -> EngineRecord:
                         move_bytes[s, k, int(P[layer, b]), int(P_new[layer, b])] += blk[layer]
                         move_count[s, k, int(P[layer, b]), int(P_new[layer, b])] += 1
         for t in range(4):
-            occupancy[s, t] = max(stored[s, t], reserved[t])
+            occupancy[s, t] = reserved[t] if start.reserved_bytes is not None else stored[s, t]
             if occupancy[s, t] > caps[t] * (1 + 1e-9) + 1.0:
                 raise LlamatierError(f"policy {policy.name!r} over its {TIER_NAMES[t]} budget at step {s}")
         t0 = time.perf_counter()
@@ -368,12 +360,14 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
                    + n_gpu * (tiers[0].latency_s + tiers[0].transfer_overhead_s))
             e_w = w_layer * (n_gpu * tiers[0].energy_j_per_byte + n_host * tiers[1].energy_j_per_byte)
         exposed = 0.0
+        prefetch = 0.0
         for li in range(3):
             for d in range(2):
-                v = busy[0][li][d] + max(0.0, busy[1][li][d] - compute)
-                exposed = max(exposed, v)
+                exposed += busy[0][li][d]
+                prefetch += busy[1][li][d]
                 link_busy[s, li, d] = busy[0][li][d] + busy[1][li][d]
                 link_bytes[s, li, d] = nbytes[li][d]
+        exposed += max(0.0, prefetch - compute)
         out["step"][s] = compute + host_l + hbm + host_attn + exposed
         out["compute"][s], out["host_layers"][s], out["hbm"][s] = compute, host_l, hbm
         out["host_attn"][s], out["link"][s], out["fetched"][s] = host_attn, exposed, fetched

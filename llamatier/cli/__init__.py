@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "llamatier.cli.profiles_cmd",
     "llamatier.cli.calibrate_cmd",
     "llamatier.cli.quality_cmd",
+    "llamatier.cli.replay_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

@@ -106,7 +106,7 @@ class AdaptivePolicy(Policy):
         self._prefetch = bool(ctx.options.prefetch if self.prefetch is None else self.prefetch)
         return StartDecision(
             placement=np.full((L, NB), -1, dtype=np.int8),
-            verdict="adaptive: " + ("reads ranked by past attention" if self.sparse else "every visible block read each step"),
+            verdict="reads ranked by past attention" if self.sparse else "every visible block read each step, fastest tier with room first",
         )
 
     def _priority(self, view: StepView) -> np.ndarray:

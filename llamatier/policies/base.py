@@ -234,11 +234,13 @@ class CapacityExhausted(LlamatierError):
 
 
 def default_read_selection(view: StepView, budget: int) -> np.ndarray:
-    """Sparse-mode reads for policies without their own: the first visible block (attention sink)
-    and the newest ``budget - 1`` visible blocks of each layer (StreamingLLM-style)."""
+    """Sparse-mode reads for policies without their own, StreamingLLM-style: the newest visible
+    block (it holds the current token), the first visible block (attention sink), then the next
+    newest, up to ``budget`` blocks per layer."""
     vis = view.visible
-    n_layers, n_blocks = vis.shape
-    b = np.arange(n_blocks)[None, :]
-    recent = b >= (view.hi_block - max(budget - 1, 0))
-    sink = b == view.lo_visible[:, None]
-    return vis & (recent | (sink if budget > 0 else False))
+    b = np.arange(vis.shape[1])[None, :]
+    n_recent = max(budget - 1, 1)
+    recent = b >= view.hi_block - n_recent
+    if budget >= 2:
+        recent = recent | (b == view.lo_visible[:, None])
+    return vis & recent

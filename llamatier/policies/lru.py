@@ -16,8 +16,11 @@ fetched to the top at its access, pushed down after it. Blocks freed by a
 sliding window stay in the stack as ghosts until they sink below every stored
 block (a plain LRU does not know a block is dead).
 
-When a step's accesses are not in stack order (sparse mode), the step runs
-through :func:`llamatier.reference.lru_step_reference`, one access at a time.
+Capacity is counted in slots of one block: a tier of C bytes holds
+floor(C / block_bytes) blocks (when layers' blocks differ in size, every slot
+is sized for the largest, so no tier ever overflows). When a step's accesses
+are not in stack order (sparse mode), the step runs through
+:func:`llamatier.reference.lru_step_reference`, one access at a time.
 """
 
 from __future__ import annotations
@@ -38,11 +41,17 @@ from llamatier.policies.base import (
 )
 
 
-def lru_tier(position_bytes: np.ndarray, cum_capacity: np.ndarray) -> np.ndarray:
-    """Tier of a block whose stack position (bytes from the top, itself included) is given."""
-    t = np.searchsorted(cum_capacity, position_bytes, side="left")
+def lru_slots(capacity_bytes: np.ndarray, block_bytes: np.ndarray) -> np.ndarray:
+    """Cumulative block slots per tier (float64 [4]): floor(capacity / largest block)."""
+    slot = float(np.max(block_bytes))
+    return np.cumsum(np.floor(np.asarray(capacity_bytes, dtype=np.float64) / slot))
+
+
+def lru_tier(position: np.ndarray, cum_slots: np.ndarray) -> np.ndarray:
+    """Tier of a block at a 1-based stack position (blocks from the top, itself included)."""
+    t = np.searchsorted(cum_slots, position, side="left")
     if t.size and int(t.max()) >= N_TIERS:
-        raise CapacityExhausted(float(position_bytes.max()), float(cum_capacity[-1]))
+        raise CapacityExhausted(float(position.max()), float(cum_slots[-1]))
     return t.astype(np.int64)
 
 
@@ -69,7 +78,7 @@ class LRUPolicy(Policy):
         self.ctx = ctx
         L, NB = ctx.n_layers, ctx.n_blocks
         self.sizes = np.repeat(ctx.block_bytes, NB)  # per flat index
-        self.cumcap = np.cumsum(ctx.capacity_bytes)
+        self.cumslots = lru_slots(ctx.capacity_bytes, ctx.block_bytes)
         self.stack = np.zeros(0, dtype=np.int64)  # flat block indices, most recent first (ghosts included)
         self.pos_of = np.full(L * NB, -1, dtype=np.int64)
         self.sparse = ctx.options.mode == "sparse"
@@ -82,49 +91,48 @@ class LRUPolicy(Policy):
 
     def _accesses(self, view: StepView) -> tuple[np.ndarray, np.ndarray | None]:
         if self.sparse and view.decode:
-            mask = default_read_selection(view, self.budget) | view.new_blocks
-            return np.flatnonzero(mask.ravel()), mask & view.visible
+            sel = default_read_selection(view, self.budget)
+            return np.flatnonzero((sel | view.new_blocks).ravel()), sel
         return np.flatnonzero(view.visible.ravel()), None
 
     def decide(self, view: StepView) -> StepDecision:
         acc, read_mask = self._accesses(view)
         st = self.stack
-        pos_pre = np.cumsum(self.sizes[st])  # inclusive position of each stack entry before the step
-        ap = self.pos_of[acc]
+        cs = self.cumslots
+        ap = self.pos_of[acc]  # 0-based stack index before the step, -1: first touch
         old = ap >= 0
         if old.sum() > 1 and not (np.diff(ap[old]) < 0).all():
             return self._slow_step(view, acc, read_mask)
+        n = acc.size
         size_acc = self.sizes[acc]
-        before_acc = np.cumsum(size_acc) - size_acc  # bytes accessed earlier in this step
-        top = lru_tier(size_acc, self.cumcap)  # where an access puts its block (HBM unless it is too small)
-        end_pos = np.cumsum(size_acc[::-1])[::-1]  # after the step: accessed blocks above, in reverse order
-        end_acc = lru_tier(end_pos, self.cumcap)
+        top = lru_tier(np.ones(n), cs)  # an access puts its block on top (HBM unless HBM has no slot)
+        end_acc = lru_tier(np.arange(n, 0, -1, dtype=np.float64), cs)  # after the step: reverse access order
         mb, mc = np.zeros((4, 4)), np.zeros((4, 4))
         if old.any():
-            a = lru_tier(pos_pre[ap[old]], self.cumcap)
-            r = lru_tier(before_acc[old] + pos_pre[ap[old]], self.cumcap)
+            # with accesses in stack order, nothing accessed earlier this step was above the block,
+            # so at its access it sits (accesses so far) below its place before the step
+            a = lru_tier(ap[old] + 1.0, cs)
+            r = lru_tier(np.flatnonzero(old) + ap[old] + 1.0, cs)
             so = size_acc[old]
             tally_moves(a, r, so, mb, mc)  # pushed down before the access
             tally_moves(r, top[old], so, mb, mc)  # fetched at the access
         tally_moves(top, end_acc, size_acc, mb, mc)  # pushed down after it
         keep = np.ones(st.size, dtype=bool)
         keep[ap[old]] = False
-        rest = st[keep]
+        rest_idx = np.flatnonzero(keep)
+        rest = st[rest_idx]
         alive_flat = view.alive.ravel()
-        rest_alive = alive_flat[rest]
-        if rest.size:
-            rest_end = lru_tier(size_acc.sum() + np.cumsum(self.sizes[rest]), self.cumcap)
-            rest_pre = lru_tier(pos_pre[keep], self.cumcap)
-            ra = rest_alive
-            tally_moves(rest_pre[ra], rest_end[ra], self.sizes[rest][ra], mb, mc)
-            last_alive = int(np.flatnonzero(rest_alive)[-1]) + 1 if rest_alive.any() else 0
-            rest = rest[:last_alive]
         P = np.full(view.alive.shape, -1, dtype=np.int8)
         Pf = P.ravel()
         Pf[acc] = end_acc
         if rest.size:
-            alive_rest = alive_flat[rest]
-            Pf[rest[alive_rest]] = rest_end[: rest.size][alive_rest]
+            ra = alive_flat[rest]
+            rest_end = lru_tier(n + np.arange(1, rest.size + 1, dtype=np.float64), cs)
+            rest_pre = lru_tier(rest_idx + 1.0, cs)
+            tally_moves(rest_pre[ra], rest_end[ra], self.sizes[rest][ra], mb, mc)
+            Pf[rest[ra]] = rest_end[ra]
+            last_alive = int(np.flatnonzero(ra)[-1]) + 1 if ra.any() else 0
+            rest = rest[:last_alive]  # ghosts below every stored block leave the stack
         read_tier = P.copy()
         read_tier.ravel()[acc] = top
         self._set_stack(np.concatenate([acc[::-1], rest]))
@@ -139,7 +147,7 @@ class LRUPolicy(Policy):
         from llamatier.reference import lru_step_reference
 
         stack, P, read_tier, mb, mc = lru_step_reference(
-            list(self.stack.tolist()), acc.tolist(), view.alive, self.sizes, self.cumcap
+            list(self.stack.tolist()), acc.tolist(), view.alive, self.sizes, self.cumslots
         )
         self._set_stack(np.asarray(stack, dtype=np.int64))
         return StepDecision(placement=P, read_tier=read_tier, read_mask=read_mask, moves_bytes=mb, moves_count=mc)

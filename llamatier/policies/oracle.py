@@ -77,7 +77,7 @@ class OraclePolicy(Policy):
         self.sparse = ctx.options.mode == "sparse"
         return StartDecision(
             placement=np.full((ctx.n_layers, ctx.n_blocks), -1, dtype=np.int8),
-            verdict="oracle (bound): placement from future reads, free migration",
+            verdict="a bound: placement from future reads, migrations free",
         )
 
     def decide(self, view: StepView) -> StepDecision:

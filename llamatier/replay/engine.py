@@ -37,7 +37,7 @@ class EngineRecord:
 
     start: StartDecision
     traffic: StepTraffic
-    occupancy_bytes: np.ndarray  # [S, 4] after each step: max(reserved, bytes of stored blocks)
+    occupancy_bytes: np.ndarray  # [S, 4] after each step: the reservation if the policy made one, else stored bytes
     stored_bytes: np.ndarray  # [S, 4] bytes of stored (alive) blocks after each step
     alloc_bytes: np.ndarray  # [S, 4] blocks that appeared this step, by the tier they were written to
     freed_bytes: np.ndarray  # [S, 4] blocks dropped this step (sliding window), by tier
@@ -222,7 +222,7 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
         # -- occupancy ----------------------------------------------------------------
         okeys = np.where(alive, P_new, 4).astype(np.int64).ravel()
         st = np.bincount(okeys, weights=bb_full, minlength=5)[:4]
-        occ = np.maximum(st, reserved)
+        occ = st if start.reserved_bytes is None else reserved  # a reservation holds its blocks
         _check_capacity(caps, policy, occ, s)
         stored[s], occupancy[s] = st, occ
 
@@ -282,7 +282,7 @@ def _run_fixed(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
     alloc = range_sum(cumb, np.maximum(hi_prev, lo_a), np.maximum(hi_prev, hi)).sum(axis=1)
     freed = range_sum(cumb, lo_a_prev, np.maximum(lo_a_prev, np.minimum(lo_a, hi_prev))).sum(axis=1)
     reserved = np.zeros(4) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
-    occupancy = np.maximum(stored, reserved[None, :])
+    occupancy = stored if start.reserved_bytes is None else np.broadcast_to(reserved, stored.shape).copy()
     caps = capacity_of(ctx, start)
     for s in np.flatnonzero((occupancy > caps * (1 + _CAPACITY_SLACK) + 1.0).any(axis=1))[:1]:
         _check_capacity(caps, policy, occupancy[s], int(s))

@@ -1,0 +1,162 @@
+"""`llamatier replay TRACE --policy P` and `llamatier compare TRACE`: parse, call the library, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from llamatier.cli.app import app, cli_errors, console, print_json
+from llamatier.errors import LlamatierError
+
+PROFILE_HELP = "Hardware profile: a built-in name (llamatier profiles) or a path to a profile TOML."
+GEOMETRY_HELP = (
+    "What-if model: a geometry preset (llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, llama3-70b, gemma3-27b) "
+    "or a .gguf whose header gives layers, KV heads and head dims."
+)
+
+
+def _options(
+    *,
+    hbm_budget: str | None,
+    dram_budget: str | None,
+    kv_type: str | None,
+    geometry: str | None,
+    block_tokens: int | None,
+    mode: str,
+    block_budget: int | None,
+    static_mode: str,
+    dram_reads: str,
+    prefetch: bool,
+    swa_full: bool,
+) -> Any:
+    from llamatier.geometry_presets import resolve_geometry
+    from llamatier.replay import ReplayOptions
+    from llamatier.units import parse_size_bytes
+
+    return ReplayOptions(
+        mode=mode,
+        block_budget=block_budget,
+        hbm_budget_bytes=parse_size_bytes(hbm_budget, what="--hbm-budget") if hbm_budget is not None else None,
+        dram_budget_bytes=parse_size_bytes(dram_budget, what="--dram-budget") if dram_budget is not None else None,
+        kv_type=kv_type,
+        target=resolve_geometry(geometry) if geometry else None,
+        block_tokens=block_tokens,
+        static_mode=static_mode,
+        dram_reads=dram_reads,
+        prefetch=prefetch,
+        swa_full=swa_full,
+    )
+
+
+def _quality(path: Path | None, kv: str) -> tuple[dict | None, str | None]:
+    """Look up the measured accuracy of the K/V pair (issue 4's quality files), if asked."""
+    if path is None:
+        return None, None
+    if not path.exists():
+        raise LlamatierError(f"--quality file not found: {path} (write one with `llamatier quality MODEL --out FILE`)")
+    try:
+        from llamatier.quality import lookup_quality
+    except ImportError:
+        raise LlamatierError("--quality needs llamatier.quality, which this installation lacks") from None
+    k, _, v = kv.partition("/")
+    return lookup_quality(path, k, v or k), str(path)
+
+
+def _load(trace: Path, profile: str) -> tuple[Any, Any]:
+    from llamatier.hardware import load_profile
+    from llamatier.trace import load_trace
+
+    return load_trace(trace), load_profile(profile)
+
+
+# Shared option declarations (typer needs them per command).
+def _opt_profile() -> Any:
+    return typer.Option("a100-40g", "--profile", help=PROFILE_HELP)
+
+
+@app.command()
+@cli_errors
+def replay(
+    trace: Path = typer.Argument(..., help="Trace directory written by `llamatier trace`."),
+    policy: str = typer.Option("adaptive", "--policy", "-p", help="Placement policy: static, lru, adaptive, oracle."),
+    profile: str = _opt_profile(),
+    hbm_budget: str = typer.Option(None, "--hbm-budget", help="KV bytes allowed in HBM, e.g. 2GiB (default: HBM minus weights)."),
+    dram_budget: str = typer.Option(None, "--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity)."),
+    kv_type: str = typer.Option(None, "--kv-type", help="Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0)."),
+    geometry: str = typer.Option(None, "--geometry", help=GEOMETRY_HELP),
+    block_tokens: int = typer.Option(None, "--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's)."),
+    mode: str = typer.Option("lossless", "--mode", help="lossless (every visible block read) or sparse (--block-budget)."),
+    block_budget: int = typer.Option(None, "--block-budget", help="Sparse mode: blocks read per layer per decode step."),
+    static_mode: str = typer.Option("nkvo", "--static-mode", help="static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split)."),
+    dram_reads: str = typer.Option("auto", "--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer."),
+    prefetch: bool = typer.Option(False, "--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time during compute."),
+    swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
+    quality: Path = typer.Option(None, "--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (SI units)."),
+) -> None:
+    """Replay a trace under one placement policy and report latency, bytes, tiers and energy."""
+    from llamatier import report
+    from llamatier.replay import replay as run_replay
+
+    opts = _options(hbm_budget=hbm_budget, dram_budget=dram_budget, kv_type=kv_type, geometry=geometry,
+                    block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
+                    dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
+    tr, prof = _load(trace, profile)
+    summary = run_replay(tr, prof, policy, opts).summary()
+    q, qsrc = _quality(quality, summary["kv_type"])
+    if json_out:
+        summary["quality"] = q
+        print_json(summary)
+        return
+    report.print_renderables(
+        console, report.replay_renderables(summary, quality_line=report.quality_text(q, summary["kv_type"], qsrc))
+    )
+
+
+@app.command()
+@cli_errors
+def compare(
+    trace: Path = typer.Argument(..., help="Trace directory written by `llamatier trace`."),
+    policies: str = typer.Option("static,lru,adaptive,oracle", "--policies", help="Comma-separated policies to compare."),
+    profile: str = _opt_profile(),
+    hbm_budget: str = typer.Option(None, "--hbm-budget", help="KV bytes allowed in HBM, e.g. 2GiB (default: HBM minus weights)."),
+    dram_budget: str = typer.Option(None, "--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity)."),
+    kv_type: str = typer.Option(None, "--kv-type", help="Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0)."),
+    geometry: str = typer.Option(None, "--geometry", help=GEOMETRY_HELP),
+    block_tokens: int = typer.Option(None, "--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's)."),
+    mode: str = typer.Option("lossless", "--mode", help="lossless (every visible block read) or sparse (--block-budget)."),
+    block_budget: int = typer.Option(None, "--block-budget", help="Sparse mode: blocks read per layer per decode step."),
+    static_mode: str = typer.Option("nkvo", "--static-mode", help="static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split)."),
+    dram_reads: str = typer.Option("auto", "--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer."),
+    prefetch: bool = typer.Option(False, "--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time during compute."),
+    swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
+    quality: Path = typer.Option(None, "--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving."),
+    json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON (SI units)."),
+) -> None:
+    """Compare placement policies side by side on one trace, with ratios against llama.cpp's static placement."""
+    from llamatier import report
+    from llamatier.replay import compare as run_compare
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise LlamatierError("--policies is empty: give a comma-separated list, e.g. static,adaptive")
+    from llamatier.policies import get_policy
+
+    for n in names:
+        get_policy(n)  # fail fast on a typo, listing the valid names
+    opts = _options(hbm_budget=hbm_budget, dram_budget=dram_budget, kv_type=kv_type, geometry=geometry,
+                    block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
+                    dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
+    tr, prof = _load(trace, profile)
+    summary = run_compare(tr, prof, names, opts).summary()
+    kv = summary["policies"][0]["kv_type"]
+    q, qsrc = _quality(quality, kv)
+    if json_out:
+        summary["quality"] = q
+        print_json(summary)
+        return
+    report.print_renderables(
+        console, report.compare_renderables(summary, quality_line=report.quality_text(q, kv, qsrc))
+    )
