@@ -8,6 +8,7 @@ Parquet file (:func:`write_results`), one row per cell.
 from llamatier.sweep.budgets import BudgetPoint, parse_budgets
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, peak_kv_bytes, run_cell, summary_row
 from llamatier.sweep.runner import (
+    check_out_path,
     default_jobs,
     make_cells,
     read_results,
@@ -16,12 +17,15 @@ from llamatier.sweep.runner import (
     sweep,
     write_results,
 )
+from llamatier.sweep.tables import facet_tables
 
 __all__ = [
     "ROW_SCHEMA",
     "BudgetPoint",
     "SweepCell",
+    "check_out_path",
     "default_jobs",
+    "facet_tables",
     "make_cells",
     "parse_budgets",
     "peak_kv_bytes",

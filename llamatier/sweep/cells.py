@@ -32,6 +32,7 @@ class SweepCell:
     policy: str
     hbm_budget: BudgetPoint = field(default_factory=BudgetPoint)
     kv_type: str | None = None  # "q8_0" or "q8_0/f16"; None: the trace's own types
+    dram_budget_bytes: int | None = None  # None: the profile's DRAM
     geometry: str | None = None  # preset name or GGUF path (what-if); None: the traced model
     block_tokens: int | None = None
     mode: str = "lossless"
@@ -49,6 +50,7 @@ class SweepCell:
             mode=self.mode,
             block_budget=self.block_budget,
             hbm_budget_bytes=hbm_budget_bytes,
+            dram_budget_bytes=self.dram_budget_bytes,
             kv_type=self.kv_type,
             target=_geometry(self.geometry) if self.geometry else None,
             block_tokens=self.block_tokens,

@@ -43,6 +43,7 @@ def make_cells(
     budgets: Sequence[BudgetPoint] = (BudgetPoint(),),
     profiles: str | Sequence[str] = ("a100-40g",),
     kv_types: str | Sequence[str] | None = None,
+    dram_budget_bytes: int | None = None,
     geometry: str | None = None,
     block_tokens: int | None = None,
     mode: str = "lossless",
@@ -87,6 +88,7 @@ def make_cells(
             policy=pol.lower(),
             hbm_budget=b,
             kv_type=kv,
+            dram_budget_bytes=dram_budget_bytes,
             geometry=geometry or None,
             block_tokens=block_tokens,
             mode=mode,
@@ -167,14 +169,20 @@ def rows_frame(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
     ) if rows else pl.DataFrame(schema=ROW_SCHEMA)
 
 
+def check_out_path(path: str | Path, flag: str = "--out") -> Path:
+    """A file we can write: not a directory, in an existing folder (checked before a long run)."""
+    p = Path(path)
+    if p.is_dir():
+        raise LlamatierError(f"{flag} {p} is a directory: give a file name such as {p / 'sweep.parquet'}")
+    if not p.parent.exists():
+        raise LlamatierError(f"cannot write {p}: folder {p.parent} does not exist (create it first)")
+    return p
+
+
 def write_results(rows: Iterable[dict[str, Any]] | pl.DataFrame, path: str | Path) -> Path:
     """Write sweep rows to one Parquet file; returns its path."""
     df = rows if isinstance(rows, pl.DataFrame) else rows_frame(rows)
-    p = Path(path)
-    if p.is_dir():
-        raise LlamatierError(f"--out {p} is a directory: give a file name such as {p / 'sweep.parquet'}")
-    if not p.parent.exists():
-        raise LlamatierError(f"cannot write {p}: folder {p.parent} does not exist (create it first)")
+    p = check_out_path(path)
     try:
         df.write_parquet(p)
     except OSError as exc:

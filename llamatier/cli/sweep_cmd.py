@@ -1,0 +1,117 @@
+"""`llamatier sweep TRACE`: every profile x KV type x policy x HBM budget, in parallel, to one Parquet file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llamatier.cli.app import app, cli_errors, console, err_console, print_json
+from llamatier.errors import LlamatierError
+
+GEOMETRY_HELP = "What-if model: a geometry preset (e.g. llama3-8b) or a .gguf whose header gives the KV geometry."
+
+
+@app.command()
+@cli_errors
+def sweep(
+    trace: Path = typer.Argument(..., help="Trace directory written by `llamatier trace`."),
+    policies: str = typer.Option("static,lru,adaptive,oracle", "--policies", help="Comma-separated placement policies."),
+    hbm_budget: str = typer.Option(
+        "10%..100%", "--hbm-budget",
+        help="HBM budgets for KV: % of the trace's peak KV bytes or sizes; lists and ranges, e.g. 10%..100%, 1GiB,2GiB, auto.",
+    ),
+    steps: int = typer.Option(10, "--steps", help="Points per budget range A..B (ends included)."),
+    profiles: str = typer.Option("a100-40g", "--profiles", help="Comma-separated hardware profiles (names or TOML paths)."),
+    kv_types: str = typer.Option(None, "--kv-types", help="Comma-separated GGUF KV types, K/V or one type (default: the trace's)."),
+    geometry: str = typer.Option(None, "--geometry", help=GEOMETRY_HELP),
+    block_tokens: int = typer.Option(None, "--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's)."),
+    mode: str = typer.Option("lossless", "--mode", help="lossless (every visible block read) or sparse (--block-budget)."),
+    block_budget: int = typer.Option(None, "--block-budget", help="Sparse mode: blocks read per layer per decode step."),
+    dram_budget: str = typer.Option(None, "--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity)."),
+    static_mode: str = typer.Option("nkvo", "--static-mode", help="static when KV does not fit HBM: nkvo or layers."),
+    dram_reads: str = typer.Option("auto", "--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto."),
+    prefetch: bool = typer.Option(False, "--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time."),
+    swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes (default: usable cores)."),
+    out: Path = typer.Option(Path("sweep.parquet"), "--out", "-o", help="Parquet file for the rows (one per cell)."),
+    plot: Path = typer.Option(None, "--plot", help="Also draw p99 latency vs HBM budget to FILE.png or FILE.svg."),
+    json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of tables."),
+) -> None:
+    """Replay every combination of profile, KV type, policy and HBM budget; write one Parquet row per cell."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from llamatier.sweep import (
+        check_out_path,
+        make_cells,
+        parse_budgets,
+        rows_frame,
+        run_cells,
+        write_results,
+    )
+    from llamatier.units import parse_size_bytes
+
+    check_out_path(out)
+    if plot is not None:
+        from llamatier.plots import check_plot_path
+
+        check_plot_path(plot)
+    cells = make_cells(
+        trace, policies=policies, budgets=parse_budgets(hbm_budget, steps=steps), profiles=profiles,
+        kv_types=kv_types, geometry=geometry, block_tokens=block_tokens, mode=mode, block_budget=block_budget,
+        dram_budget_bytes=parse_size_bytes(dram_budget, what="--dram-budget") if dram_budget else None,
+        static_mode=static_mode, dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full,
+    )
+    with Progress(
+        TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
+    ) as bar:
+        task = bar.add_task("sweep", total=len(cells))
+        rows = run_cells(cells, jobs=jobs, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    df = rows_frame(rows)
+    errors = df.filter(df["error"].is_not_null())
+    if errors.height == df.height:
+        raise LlamatierError(f"no sweep cell could be replayed: {errors['error'][0]}")
+    write_results(df, out)
+    if plot is not None:
+        from llamatier.plots import plot_sweep, save_figure
+
+        save_figure(plot_sweep(df), plot)
+    if errors.height:
+        err_console.print(
+            f"[yellow]warning:[/] {errors.height} of {df.height} cells could not be replayed "
+            f"(see the error column), e.g. {errors['profile'][0]}: {errors['error'][0]}",
+            highlight=False, soft_wrap=True,
+        )
+    if json_out:
+        print_json({"out": str(out), "plot": str(plot) if plot else None, "rows": df.to_dicts()})
+        return
+    _print_tables(df)
+    console.print(f"[green]wrote[/] {df.height} rows to [bold]{out}[/]" + (f"; plot [bold]{plot}[/]" if plot else ""))
+
+
+def _print_tables(df) -> None:  # noqa: ANN001 - polars DataFrame
+    from rich.table import Table
+
+    from llamatier.sweep import facet_tables
+    from llamatier.units import format_bytes
+
+    for t in facet_tables(df, metric="p99_s"):
+        table = Table(title=f"p99 per-token latency (ms): {t['profile']}, KV {t['kv_type']}", title_justify="left")
+        table.add_column("HBM budget")
+        table.add_column("bytes", justify="right")
+        for p in t["policies"]:
+            table.add_column(p, justify="right")
+        for label, nbytes, cells in t["rows"]:
+            shown = [
+                "" if v is None else f"[red]{v}[/]" if isinstance(v, str) else f"{v * 1e3:.3f}" for v in cells
+            ]
+            table.add_row(label, format_bytes(nbytes) if nbytes is not None else "", *shown)
+        console.print(table)

@@ -1,0 +1,43 @@
+"""Sweep rows regrouped for reading: one table per profile x KV type, budgets down, policies across."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+_POLICY_ORDER = ("static", "lru", "adaptive", "oracle")
+
+
+def facet_tables(results: pl.DataFrame, *, metric: str = "p99_s") -> list[dict[str, Any]]:
+    """Per (profile, KV type): ``policies`` and ``rows`` of (budget label, budget bytes, one cell per policy).
+
+    A cell is the metric's value (seconds), ``"does not run"``, ``"error"``, or
+    None when the sweep had no such cell.
+    """
+    out: list[dict[str, Any]] = []
+    pols = results["policy"].unique(maintain_order=True).to_list()
+    pols = [p for p in _POLICY_ORDER if p in pols] + [p for p in pols if p not in _POLICY_ORDER]
+    for (prof, kv), g in results.group_by(["profile", "kv_type"], maintain_order=True):
+        budgets = (
+            g.select("hbm_budget", "hbm_budget_fraction", "hbm_budget_bytes")
+            .group_by("hbm_budget", maintain_order=True)
+            .agg(pl.col("hbm_budget_fraction").first(), pl.col("hbm_budget_bytes").max())
+            .sort(["hbm_budget_fraction", "hbm_budget_bytes"], nulls_last=True)
+        )
+        rows = []
+        for label, _frac, nbytes in budgets.iter_rows():
+            cells: list[Any] = []
+            for p in pols:
+                d = g.filter((pl.col("policy") == p) & (pl.col("hbm_budget") == label))
+                if d.height == 0:
+                    cells.append(None)
+                elif d["error"][0] is not None:
+                    cells.append("error")
+                elif not d["runs"][0]:
+                    cells.append("does not run")
+                else:
+                    cells.append(d[metric][0])
+            rows.append((label, nbytes, cells))
+        out.append({"profile": prof, "kv_type": kv, "policies": pols, "rows": rows})
+    return out
