@@ -71,7 +71,7 @@ def sweep(
     )
     with Progress(
         TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
     ) as bar:
         task = bar.add_task("sweep", total=len(cells))
         rows = run_cells(cells, jobs=jobs, progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -104,7 +104,8 @@ def _print_tables(df) -> None:  # noqa: ANN001 - polars DataFrame
     from llamatier.units import format_bytes
 
     for t in facet_tables(df, metric="p99_s"):
-        table = Table(title=f"p99 per-token latency (ms): {t['profile']}, KV {t['kv_type']}", title_justify="left")
+        console.print(f"[bold]{t['profile']}, KV {t['kv_type']}[/]: p99 per-token latency (ms)", highlight=False)
+        table = Table()
         table.add_column("HBM budget")
         table.add_column("bytes", justify="right")
         for p in t["policies"]:
