@@ -17,9 +17,7 @@ _FLOOR = 1e-5  # smallest mass shown on the log colour scale
 def _cmap():  # noqa: ANN202
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#f2f2f2")  # exact zeros: masked or not yet written
-    return cmap
+    return matplotlib.colormaps["viridis"].with_extremes(bad="#f2f2f2")  # exact zeros: masked or unwritten
 
 
 def plot_attention(trace: Trace, *, layer: int | None = None) -> Figure:

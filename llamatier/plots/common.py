@@ -66,12 +66,12 @@ def log_y(ax: Any) -> None:
 def check_plot_path(path: str | Path) -> Path:
     """Validate a --plot target: .png or .svg, in an existing folder."""
     p = Path(path)
+    if p.is_dir():
+        raise LlamatierError(f"--plot {p} is a directory: give a file name such as {p / 'plot.png'}")
     if p.suffix.lower() not in PLOT_FORMATS:
         raise LlamatierError(
             f"--plot {p}: unknown image type {p.suffix or '(none)'!r}; give a file ending in .png or .svg"
         )
-    if p.is_dir():
-        raise LlamatierError(f"--plot {p} is a directory: give a file name such as {p / 'plot.png'}")
     if not p.parent.exists():
         raise LlamatierError(f"cannot write {p}: folder {p.parent} does not exist (create it first)")
     return p
