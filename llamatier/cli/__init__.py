@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "llamatier.cli.calibrate_cmd",
     "llamatier.cli.quality_cmd",
     "llamatier.cli.replay_cmd",
+    "llamatier.cli.sweep_cmd",
 ]
 
 for _name in _COMMAND_MODULES:
