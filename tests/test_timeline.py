@@ -119,3 +119,21 @@ def test_timeline_path_errors(tight_comparison, tmp_path):
         write_timeline(tight_comparison, tmp_path)
     with pytest.raises(LlamatierError, match="nothing to export"):
         timeline_events([])
+
+
+def test_cli_replay_timeline(tiny_trace_dir, tmp_path):
+    from tests.conftest import assert_one_line_error, run_cli
+
+    out = tmp_path / "run.json"
+    proc = run_cli("replay", str(tiny_trace_dir), "--policy", "adaptive", "--hbm-budget", "40kB", "--json",
+                   "--timeline", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    data = json.loads(out.read_text())
+    check_trace_events(data)
+    steps = [e for e in data["traceEvents"] if e.get("cat") == "step"]
+    assert len(steps) == summary["latency"]["decode_steps"] + sum(1 for e in steps if e["name"] != "decode")
+    assert sum(e["dur"] for e in steps) == pytest.approx(summary["latency"]["total_s"] * 1e6, rel=1e-6)
+    assert_one_line_error(
+        run_cli("replay", str(tiny_trace_dir), "--timeline", str(tmp_path / "no" / "t.json")), "does not exist"
+    )

@@ -71,6 +71,18 @@ def _load(trace: Path, profile: str) -> tuple[Any, Any]:
     return load_trace(trace), load_profile(profile)
 
 
+def _write_reports(what: Any, *, plot: Path | None, timeline: Path | None) -> None:
+    """--plot / --timeline: figures and trace-event JSON from llamatier.plots / llamatier.timeline."""
+    if plot is not None:
+        from llamatier.plots import plot_replay, save_figure
+
+        save_figure(plot_replay(what), plot)
+    if timeline is not None:
+        from llamatier.timeline import write_timeline
+
+        write_timeline(what, timeline)
+
+
 # Shared option declarations (typer needs them per command).
 def _opt_profile() -> Any:
     return typer.Option("a100-40g", "--profile", help=PROFILE_HELP)
@@ -95,6 +107,8 @@ def replay(
     swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
     quality: Path = typer.Option(None, "--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (SI units)."),
+    plot: Path = typer.Option(None, "--plot", help="Draw per-step latency and tier occupancy to FILE.png or FILE.svg."),
+    timeline: Path = typer.Option(None, "--timeline", help="Write the run as Chrome/Perfetto trace-event JSON (ui.perfetto.dev)."),
 ) -> None:
     """Replay a trace under one placement policy and report latency, bytes, tiers and energy."""
     from llamatier import report
@@ -104,7 +118,9 @@ def replay(
                     block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
                     dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
     tr, prof = _load(trace, profile)
-    summary = run_replay(tr, prof, policy, opts).summary()
+    result = run_replay(tr, prof, policy, opts)
+    summary = result.summary()
+    _write_reports(result, plot=plot, timeline=timeline)
     q, qsrc = _quality(quality, summary["kv_type"])
     if json_out:
         summary["quality"] = q
@@ -134,6 +150,8 @@ def compare(
     swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
     quality: Path = typer.Option(None, "--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving."),
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON (SI units)."),
+    plot: Path = typer.Option(None, "--plot", help="Draw per-step latency and tier occupancy to FILE.png or FILE.svg."),
+    timeline: Path = typer.Option(None, "--timeline", help="Write the runs as Chrome/Perfetto trace-event JSON (ui.perfetto.dev)."),
 ) -> None:
     """Compare placement policies side by side on one trace, with ratios against llama.cpp's static placement."""
     from llamatier import report
@@ -150,7 +168,9 @@ def compare(
                     block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
                     dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
     tr, prof = _load(trace, profile)
-    summary = run_compare(tr, prof, names, opts).summary()
+    comparison = run_compare(tr, prof, names, opts)
+    summary = comparison.summary()
+    _write_reports(comparison, plot=plot, timeline=timeline)
     kv = summary["policies"][0]["kv_type"]
     q, qsrc = _quality(quality, kv)
     if json_out:

@@ -118,13 +118,25 @@ def trace(
 def inspect(
     trace_dir: Path = typer.Argument(..., metavar="TRACE", help="Trace directory."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    plot: Path = typer.Option(None, "--plot", help="Draw an attention heat map to FILE.png or FILE.svg (layers x KV blocks)."),
+    layer: int = typer.Option(None, "--layer", help="With --plot: steps x KV blocks of this one layer instead."),
 ) -> None:
     """Summarise a trace: model, steps, context, KV bytes per token, attention concentration."""
     from llamatier.inspect import inspect_trace, render_inspection
     from llamatier.trace import load_trace
 
+    if plot is not None:
+        from llamatier.plots import check_plot_path
+
+        check_plot_path(plot)
+    elif layer is not None:
+        raise LlamatierError("--layer only applies with --plot FILE.png")
     tr = load_trace(trace_dir)
     report = inspect_trace(tr)
+    if plot is not None:
+        from llamatier.plots import plot_attention, save_figure
+
+        save_figure(plot_attention(tr, layer=layer), plot)
     if json_out:
         print_json(report)
     else:
