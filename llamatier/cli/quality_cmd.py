@@ -41,6 +41,11 @@ def quality(
         "--flash-attn/--no-flash-attn",
         help="Flash attention for every run, the f16/f16 reference included (quantized V needs it).",
     ),
+    reference_flash_attn: bool = typer.Option(
+        None,
+        "--reference-flash-attn/--no-reference-flash-attn",
+        help="Flash attention for the f16/f16 reference only (default: same as the runs under test).",
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Directory for quality.json + quality.parquet (+ per-position Parquet)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -75,6 +80,7 @@ def quality(
             batch_tokens=batch,
             n_threads=threads or _default_threads(),
             flash_attn=flash_attn,
+            reference_flash_attn=reference_flash_attn,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     written = save_quality(result, out) if out is not None else []
@@ -83,11 +89,15 @@ def quality(
         doc["files"] = [str(p) for p in written]
         print_json(doc)
         return
+    fa = "on" if result.flash_attn else "off"
+    if result.reference_flash_attn != result.flash_attn:
+        fa += f" (reference: {'on' if result.reference_flash_attn else 'off'})"
+    else:
+        fa += " for every run"
     console.print(
         f"[bold]{result.model}[/] ({result.model_file}): {result.n_tokens} tokens of {result.text_source}, "
-        f"{result.n_positions} scored positions, flash attention {'on' if result.flash_attn else 'off'} "
-        f"for every run, threads {result.n_threads}; reference {result.reference} perplexity "
-        f"{result.ppl_ref:.4g}",
+        f"{result.n_positions} scored positions, flash attention {fa}, threads {result.n_threads}; "
+        f"reference {result.reference} perplexity {result.ppl_ref:.4g}",
         highlight=False,
     )
     table = Table(title="KV cache type vs f16/f16 (KL(ref || test) per position, nats)", box=box.SIMPLE_HEAD, pad_edge=False)

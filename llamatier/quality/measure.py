@@ -82,7 +82,8 @@ class QualityResult:
     n_ctx: int
     batch_tokens: int
     n_threads: int
-    flash_attn: bool  # used for every run, reference included
+    flash_attn: bool  # flash attention of the runs under test
+    reference_flash_attn: bool  # flash attention of the f16/f16 reference (normally the same)
     reference: str  # "f16/f16"
     text_source: str
     text_sha256: str
@@ -272,6 +273,7 @@ def measure_quality(
     batch_tokens: int = 64,
     n_threads: int | None = None,
     flash_attn: bool = True,
+    reference_flash_attn: bool | None = None,
     progress: ProgressFn | None = None,
 ) -> QualityResult:
     """Run llama.cpp teacher-forced over ``text`` once per K/V pair and compare with f16/f16.
@@ -279,7 +281,8 @@ def measure_quality(
     ``kv_pairs``: 'f16,q8_0,q4_0/f16' or a list of entries or (KVType, KVType) tuples.
     ``text``: defaults to the built-in text. ``ctx``: evaluate at most this many tokens
     (default: the whole text). Every run, the f16/f16 reference included, uses the same
-    flash-attention setting, so differences come from the KV types alone.
+    flash-attention setting, so differences come from the KV types alone; give
+    ``reference_flash_attn`` to measure what flash attention itself changes instead.
     """
     pairs = parse_kv_pairs(kv_pairs)
     if batch_tokens < 1:
@@ -290,7 +293,9 @@ def measure_quality(
 
     info = read_model_info(model_path)  # clear errors for missing / non-GGUF files
     f16 = KV_TYPES["f16"]
-    for pk, pv in [(f16, f16), *pairs]:
+    ref_fa = flash_attn if reference_flash_attn is None else bool(reference_flash_attn)
+    check_pair_fits(info.geometry, f16, f16, flash_attn=ref_fa)
+    for pk, pv in pairs:
         check_pair_fits(info.geometry, pk, pv, flash_attn=flash_attn)
 
     if text is None:
@@ -318,11 +323,12 @@ def measure_quality(
             n_tokens = int(tokens.size)
             n_positions = n_tokens - 1
             batch_tokens = min(batch_tokens, n_tokens)
-            kw = dict(n_ctx=n_tokens, batch_tokens=batch_tokens, n_threads=n_threads,
-                      flash_attn=flash_attn, logs=logs)
-            contexts.append(TeacherForcedContext(model, type_k=f16, type_v=f16, **kw))
+            kw = dict(n_ctx=n_tokens, batch_tokens=batch_tokens, n_threads=n_threads, logs=logs)
+            contexts.append(TeacherForcedContext(model, type_k=f16, type_v=f16, flash_attn=ref_fa, **kw))
             for pk, pv in pairs:
-                contexts.append(TeacherForcedContext(model, type_k=pk, type_v=pv, **kw))
+                contexts.append(
+                    TeacherForcedContext(model, type_k=pk, type_v=pv, flash_attn=flash_attn, **kw)
+                )
             stats = [_PairStats(n_positions) for _ in pairs]
             ref_decode_s = 0.0
             nll_ref = np.zeros(n_positions, dtype=np.float64)
@@ -373,6 +379,7 @@ def measure_quality(
         batch_tokens=batch_tokens,
         n_threads=n_threads,
         flash_attn=flash_attn,
+        reference_flash_attn=ref_fa,
         reference=pair_name(f16, f16),
         text_source=text_source,
         text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
