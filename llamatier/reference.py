@@ -182,17 +182,23 @@ def run_reference(ctx: ReplayContext, policy: Policy) -> EngineRecord:
     for s in range(S):
         alive, visible = _ranges(ctx, s)
         new = [[alive[layer][b] and not alive_prev[layer][b] for b in range(NB)] for layer in range(L)]
+        for layer in range(L):
+            for b in range(NB):
+                if alive_prev[layer][b] and not alive[layer][b]:
+                    freed[s, int(P[layer, b])] += blk[layer]
         view = StepView(
             step=s, decode=bool(ctx.is_decode[s]), hi_block=int(ctx.hi_block[s]),
             lo_alive=ctx.lo_alive[s], lo_visible=ctx.lo_visible[s], new_lo_block=int(ctx.pos0[s]) // B,
             alive=np.array(alive, dtype=bool), visible=np.array(visible, dtype=bool),
-            new_blocks=np.array(new, dtype=bool), placement=P, occupancy_bytes=occ_prev,
+            new_blocks=np.array(new, dtype=bool), placement=P, occupancy_bytes=occ_prev - freed[s],
         )
         t0 = time.perf_counter()
         dec = policy.decide(view)
         decision_s += time.perf_counter() - t0
         P_new = P if dec.placement is None else np.asarray(dec.placement)
-        rt = P_new if dec.read_tier is None else np.asarray(dec.read_tier)
+        rt = P_new if dec.read_tier is None else dec.read_tier
+        if isinstance(rt, (int, np.integer)):
+            rt = np.full((L, NB), int(rt), dtype=np.int8)
         if sparse and ctx.is_decode[s]:
             rmask = dec.read_mask if dec.read_mask is not None else default_read_selection(view, budget)
         else:
@@ -216,8 +222,6 @@ def run_reference(ctx: ReplayContext, policy: Policy) -> EngineRecord:
                     t = int(rt[layer, b])
                     write_bytes[s, layer, t] += written * bpt[layer]
                     write_blocks[s, layer, t] += 1
-                if alive_prev[layer][b] and not alive[layer][b]:
-                    freed[s, int(P[layer, b])] += blk[layer]
                 if new[layer][b]:
                     alloc[s, int(rt[layer, b])] += blk[layer]
                 if alive[layer][b]:

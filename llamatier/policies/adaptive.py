@@ -104,6 +104,9 @@ class AdaptivePolicy(Policy):
         self.sparse = ctx.options.mode == "sparse"
         self.budget = int(ctx.options.block_budget or 0)
         self._prefetch = bool(ctx.options.prefetch if self.prefetch is None else self.prefetch)
+        # lossless without --swa-full: every stored block is read every step, so priorities never differ
+        self.uniform_priority = not self.sparse and not ctx.options.swa_full
+        self.min_block = float(np.min(ctx.block_bytes))
         return StartDecision(
             placement=np.full((L, NB), -1, dtype=np.int8),
             verdict="reads ranked by past attention" if self.sparse else "every visible block read each step, fastest tier with room first",
@@ -122,15 +125,13 @@ class AdaptivePolicy(Policy):
         return p
 
     def decide(self, view: StepView) -> StepDecision:
-        p = self._priority(view)
-        P = view.placement.ravel().copy()
-        alive = view.alive.ravel()
+        occ = np.array(view.occupancy_bytes, dtype=np.float64)  # blocks staying this step, before new ones
         new = view.new_blocks.ravel()
-        old = alive & ~new
-        keys = np.where(old, P, N_TIERS).astype(np.int64)
-        occ = np.bincount(keys, weights=self.sizes, minlength=N_TIERS + 1)[:N_TIERS]
-        changed = False
-        if new.any():
+        has_new = bool(new.any())
+        P: np.ndarray | None = None  # copied on first change
+        p = self._priority(view) if (self.sparse and view.decode) or not self.uniform_priority or has_new else None
+        if has_new:
+            P = view.placement.ravel().copy()
             idx = np.flatnonzero(new)
             idx = idx[np.argsort(-p[idx], kind="stable")]
             start = 0
@@ -141,25 +142,36 @@ class AdaptivePolicy(Policy):
                 start += n
             if start < idx.size:
                 raise CapacityExhausted(float(occ.sum() + self.sizes[idx[start:]].sum()), float(self.caps.sum()))
-            changed = True
         moves_left = self.max_moves_per_step
+        old = None
         for t in range(N_TIERS - 1):
             if moves_left <= 0:
                 break
+            if not (occ[t + 1 :] > 0).any():
+                break  # nothing stored below this tier
+            room = self.caps[t] - occ[t]
+            may_swap = not (self.uniform_priority and not (self.sparse and view.decode))
+            if room < self.min_block and not may_swap:
+                continue
+            if P is None:
+                P = view.placement.ravel().copy()
+            if p is None:
+                p = self._priority(view)
+            if old is None:
+                old = view.alive.ravel() & ~new
             below = np.flatnonzero(old & (P > t))
             if below.size == 0:
                 continue
             up = top_k_indices(below, p, moves_left, largest=True)
-            n = prefix_fit(self.sizes[up], self.caps[t] - occ[t])
+            n = prefix_fit(self.sizes[up], room)
             if n:  # free room in tier t: promote the best blocks from below
                 for src in range(t + 1, N_TIERS):
                     occ[src] -= self.sizes[up[:n]][P[up[:n]] == src].sum()
                 P[up[:n]] = t
                 occ[t] += self.sizes[up[:n]].sum()
                 moves_left -= n
-                changed = True
                 up = up[n:]
-            if up.size == 0 or moves_left <= 1:
+            if not may_swap or up.size == 0 or moves_left <= 1:
                 continue
             here = np.flatnonzero(old & (P == t))
             down = top_k_indices(here, p, min(up.size, moves_left // 2), largest=False)
@@ -174,7 +186,7 @@ class AdaptivePolicy(Policy):
                 P[d] = P[u]
                 P[u] = t
                 moves_left -= 2 * int(ok.sum())
-                changed = True
+        changed = P is not None and not np.array_equal(P, view.placement.ravel())
         placement = P.reshape(view.alive.shape) if changed else None
         read_mask = None
         if self.sparse and view.decode:

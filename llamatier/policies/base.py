@@ -63,7 +63,7 @@ class StepDecision:
     """
 
     placement: np.ndarray | None = None
-    read_tier: np.ndarray | None = None
+    read_tier: np.ndarray | int | None = None  # an int: every access is served from that tier
     read_mask: np.ndarray | None = None
     moves_bytes: np.ndarray | None = None  # float64 [4, 4]
     moves_count: np.ndarray | None = None  # float64 [4, 4]
@@ -87,7 +87,7 @@ class StepView:
     visible: np.ndarray  # bool [n_layers, n_blocks]: blocks this step's queries see
     new_blocks: np.ndarray  # bool [n_layers, n_blocks]: alive now, not before this step
     placement: np.ndarray  # int8 [n_layers, n_blocks]: placement before this step
-    occupancy_bytes: np.ndarray  # float64 [4]: bytes held per tier before this step (alive blocks)
+    occupancy_bytes: np.ndarray  # float64 [4]: bytes per tier of blocks that stay stored this step (before new ones)
 
 
 class Policy(ABC):
@@ -193,16 +193,35 @@ def fill_by_priority(
     """Place alive blocks fastest-tier-first in priority order (ties: lower flat index first).
 
     Tier t takes the next blocks in order while they fit (a prefix fill, so a
-    bigger capacity never pushes a block to a slower tier). Returns int8
-    placement with ABSENT for blocks that are not alive; raises when the alive
-    blocks do not fit in all tiers together.
+    bigger capacity never pushes a block to a slower tier). Priorities are
+    compared after rounding to 2**-20. Returns int8 placement with ABSENT for
+    blocks that are not alive; raises when the alive blocks do not fit in all
+    tiers together.
     """
     flat_alive = np.flatnonzero(alive.ravel())
     out = np.full(alive.shape, ABSENT, dtype=np.int8)
-    if flat_alive.size == 0:
+    n = flat_alive.size
+    if n == 0:
         return out
-    pr = priority.ravel()[flat_alive]
-    order = flat_alive[np.argsort(-pr, kind="stable")]
+    # one unique integer key per block: rounded priority first, then lower flat index
+    q = np.round(priority.ravel()[flat_alive].astype(np.float64) * 2.0**20).astype(np.int64)
+    key = q * alive.size + (alive.size - 1 - flat_alive)
+    of = out.ravel()
+    uniform = bool((sizes == sizes[0]).all())
+    if uniform:  # k-th largest by partition, no full sort
+        size = float(sizes[0])
+        remaining = np.arange(n)
+        for t in range(N_TIERS):
+            k = int(min(remaining.size, np.floor(float(capacity_bytes[t]) / size)))
+            if k >= remaining.size:
+                of[flat_alive[remaining]] = t
+                return out
+            if k > 0:
+                part = np.argpartition(-key[remaining], k - 1)
+                of[flat_alive[remaining[part[:k]]]] = t
+                remaining = remaining[part[k:]]
+        raise CapacityExhausted(n * size, float(np.sum(capacity_bytes)))
+    order = flat_alive[np.argsort(-key)]
     sz = np.broadcast_to(sizes[:, None], alive.shape).ravel()[order]
     cum = np.cumsum(sz, dtype=np.float64)
     tiers = np.empty(order.size, dtype=np.int8)
@@ -215,7 +234,7 @@ def fill_by_priority(
         start = end
     if start < order.size:
         raise CapacityExhausted(float(cum[-1]), float(np.sum(capacity_bytes)))
-    out.ravel()[order] = tiers
+    of[order] = tiers
     return out
 
 

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from llamatier.policies.base import (
-    N_TIERS,
     CapacityExhausted,
     Policy,
     StartDecision,
@@ -42,26 +41,29 @@ from llamatier.policies.base import (
 
 
 def lru_slots(capacity_bytes: np.ndarray, block_bytes: np.ndarray) -> np.ndarray:
-    """Cumulative block slots per tier (float64 [4]): floor(capacity / largest block)."""
+    """Cumulative block slots per tier (int64 [4]): floor(capacity / largest block)."""
     slot = float(np.max(block_bytes))
-    return np.cumsum(np.floor(np.asarray(capacity_bytes, dtype=np.float64) / slot))
+    slots = np.floor(np.asarray(capacity_bytes, dtype=np.float64) / slot)
+    return np.cumsum(np.minimum(slots, 2.0**60)).astype(np.int64)
 
 
 def lru_tier(position: np.ndarray, cum_slots: np.ndarray) -> np.ndarray:
-    """Tier of a block at a 1-based stack position (blocks from the top, itself included)."""
-    t = np.searchsorted(cum_slots, position, side="left")
-    if t.size and int(t.max()) >= N_TIERS:
-        raise CapacityExhausted(float(position.max()), float(cum_slots[-1]))
-    return t.astype(np.int64)
+    """Tier (int8) of blocks at 1-based stack positions; positions past the last tier are the caller's check."""
+    t = (position > cum_slots[0]).astype(np.int8)
+    t += position > cum_slots[1]
+    t += position > cum_slots[2]
+    return t
 
 
-def tally_moves(src: np.ndarray, dst: np.ndarray, size: np.ndarray, out_bytes: np.ndarray, out_count: np.ndarray) -> None:
-    """Add moves src -> dst (where they differ) to [4, 4] byte and count matrices."""
-    m = src != dst
-    if m.any():
-        pair = src[m] * 4 + dst[m]
-        out_bytes += np.bincount(pair, weights=size[m], minlength=16).reshape(4, 4)
-        out_count += np.bincount(pair, minlength=16).reshape(4, 4)
+def tally_moves(src: np.ndarray, dst: np.ndarray, size: np.ndarray | float, out_bytes: np.ndarray, out_count: np.ndarray) -> None:
+    """Add moves src -> dst to [4, 4] byte and count matrices (the diagonal, no move, is the caller's to clear)."""
+    pair = src * np.int8(4) + dst
+    cnt = np.bincount(pair, minlength=16).astype(np.float64)
+    out_count += cnt.reshape(4, 4)
+    if isinstance(size, float):
+        out_bytes += (cnt * size).reshape(4, 4)
+    else:
+        out_bytes += np.bincount(pair, weights=size, minlength=16).reshape(4, 4)
 
 
 @register_policy
@@ -78,6 +80,10 @@ class LRUPolicy(Policy):
         self.ctx = ctx
         L, NB = ctx.n_layers, ctx.n_blocks
         self.sizes = np.repeat(ctx.block_bytes, NB)  # per flat index
+        self.uniform = bool((ctx.block_bytes == ctx.block_bytes[0]).all())
+        self._steady_key: tuple | None = None
+        self._last_n = -1
+        self.size0 = float(ctx.block_bytes[0])
         self.cumslots = lru_slots(ctx.capacity_bytes, ctx.block_bytes)
         self.stack = np.zeros(0, dtype=np.int64)  # flat block indices, most recent first (ghosts included)
         self.pos_of = np.full(L * NB, -1, dtype=np.int64)
@@ -95,48 +101,82 @@ class LRUPolicy(Policy):
             return np.flatnonzero((sel | view.new_blocks).ravel()), sel
         return np.flatnonzero(view.visible.ravel()), None
 
+    def _steady(self, view: StepView) -> StepDecision | None:
+        """The step reads exactly what the last one read, and nothing else is stacked: O(1).
+
+        Then the block at stack index j (from the top) sits at position n - j... every
+        block is pushed to position n before its access and returns to its place after,
+        so the placement is unchanged and the moves follow from slot counts alone.
+        """
+        key = (view.hi_block, view.lo_visible.tobytes())
+        if not (self.uniform and self._steady_key == key and view.decode and not self.sparse):
+            self._steady_key = key
+            return None
+        if not (self.stack.size == self._last_n and not view.new_blocks.any()):
+            return None
+        n, cs = self._last_n, self.cumslots
+        bounds = np.concatenate([[0], np.minimum(cs, n)])
+        per_tier = np.diff(bounds).astype(np.float64)  # blocks per tier, by position 1..n
+        top = int(lru_tier(np.ones(1), cs)[0])
+        r = int(lru_tier(np.array([n]), cs)[0])
+        mc = np.zeros((4, 4))
+        mc[:, r] += per_tier  # pushed down to position n before the access
+        mc[r, top] += n  # fetched at the access
+        mc[top, :] += per_tier  # back to its place after
+        np.fill_diagonal(mc, 0.0)
+        return StepDecision(placement=None, read_tier=top, moves_bytes=mc * self.size0, moves_count=mc)
+
     def decide(self, view: StepView) -> StepDecision:
+        fast = self._steady(view)
+        if fast is not None:
+            return fast
         acc, read_mask = self._accesses(view)
         st = self.stack
         cs = self.cumslots
         ap = self.pos_of[acc]  # 0-based stack index before the step, -1: first touch
         old = ap >= 0
-        if old.sum() > 1 and not (np.diff(ap[old]) < 0).all():
+        ap_old = ap[old]
+        if ap_old.size > 1 and not (ap_old[1:] < ap_old[:-1]).all():
             return self._slow_step(view, acc, read_mask)
         n = acc.size
-        size_acc = self.sizes[acc]
-        top = lru_tier(np.ones(n), cs)  # an access puts its block on top (HBM unless HBM has no slot)
-        end_acc = lru_tier(np.arange(n, 0, -1, dtype=np.float64), cs)  # after the step: reverse access order
+        keep = np.ones(st.size, dtype=bool)
+        keep[ap_old] = False
+        rest_idx = np.flatnonzero(keep)
+        if n + rest_idx.size > cs[3]:
+            raise CapacityExhausted(float(n + rest_idx.size), float(cs[3]))
+        sizes = self.size0 if self.uniform else self.sizes[acc]
+        top = lru_tier(np.ones(1), cs)[0]  # an access puts its block on top (HBM unless HBM has no slot)
+        end_acc = lru_tier(np.arange(n, 0, -1), cs)  # after the step: reverse access order
         mb, mc = np.zeros((4, 4)), np.zeros((4, 4))
-        if old.any():
+        if ap_old.size:
             # with accesses in stack order, nothing accessed earlier this step was above the block,
             # so at its access it sits (accesses so far) below its place before the step
-            a = lru_tier(ap[old] + 1.0, cs)
-            r = lru_tier(np.flatnonzero(old) + ap[old] + 1.0, cs)
-            so = size_acc[old]
+            a = lru_tier(ap_old + 1, cs)
+            r = lru_tier(np.flatnonzero(old) + ap_old + 1, cs)
+            so = sizes if self.uniform else sizes[old]
             tally_moves(a, r, so, mb, mc)  # pushed down before the access
-            tally_moves(r, top[old], so, mb, mc)  # fetched at the access
-        tally_moves(top, end_acc, size_acc, mb, mc)  # pushed down after it
-        keep = np.ones(st.size, dtype=bool)
-        keep[ap[old]] = False
-        rest_idx = np.flatnonzero(keep)
-        rest = st[rest_idx]
-        alive_flat = view.alive.ravel()
+            tally_moves(r, np.full(r.size, top, dtype=np.int8), so, mb, mc)  # fetched at the access
+        tally_moves(np.full(n, top, dtype=np.int8), end_acc, sizes, mb, mc)  # pushed down after it
         P = np.full(view.alive.shape, -1, dtype=np.int8)
         Pf = P.ravel()
         Pf[acc] = end_acc
+        rest = st[rest_idx]
         if rest.size:
-            ra = alive_flat[rest]
-            rest_end = lru_tier(n + np.arange(1, rest.size + 1, dtype=np.float64), cs)
-            rest_pre = lru_tier(rest_idx + 1.0, cs)
-            tally_moves(rest_pre[ra], rest_end[ra], self.sizes[rest][ra], mb, mc)
-            Pf[rest[ra]] = rest_end[ra]
-            last_alive = int(np.flatnonzero(ra)[-1]) + 1 if ra.any() else 0
-            rest = rest[:last_alive]  # ghosts below every stored block leave the stack
-        read_tier = P.copy()
-        read_tier.ravel()[acc] = top
+            ra = view.alive.ravel()[rest]
+            if ra.any():
+                rest_end = lru_tier(n + np.arange(1, rest.size + 1), cs)
+                rest_pre = lru_tier(rest_idx + 1, cs)
+                rs = self.size0 if self.uniform else self.sizes[rest][ra]
+                tally_moves(rest_pre[ra], rest_end[ra], rs, mb, mc)
+                Pf[rest[ra]] = rest_end[ra]
+                rest = rest[: int(np.flatnonzero(ra)[-1]) + 1]  # ghosts below every stored block leave the stack
+            else:
+                rest = rest[:0]
+        np.fill_diagonal(mb, 0.0)
+        np.fill_diagonal(mc, 0.0)
         self._set_stack(np.concatenate([acc[::-1], rest]))
-        return StepDecision(placement=P, read_tier=read_tier, read_mask=read_mask, moves_bytes=mb, moves_count=mc)
+        self._last_n = n if rest.size == 0 else -1
+        return StepDecision(placement=P, read_tier=int(top), read_mask=read_mask, moves_bytes=mb, moves_count=mc)
 
     def _set_stack(self, stack: np.ndarray) -> None:
         self.pos_of[self.stack] = -1
@@ -150,4 +190,5 @@ class LRUPolicy(Policy):
             list(self.stack.tolist()), acc.tolist(), view.alive, self.sizes, self.cumslots
         )
         self._set_stack(np.asarray(stack, dtype=np.int64))
+        self._last_n = -1
         return StepDecision(placement=P, read_tier=read_tier, read_mask=read_mask, moves_bytes=mb, moves_count=mc)

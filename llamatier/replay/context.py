@@ -125,7 +125,8 @@ def prepare(trace: Trace, profile: Profile, options: ReplayOptions) -> ReplayCon
     lo_vis_pos = np.where(w[None, :] > 0, np.maximum(0, pos0[:, None] - w[None, :] + 1), 0)
     lo_vis = lo_vis_pos // B
     lo_alive = lo_vis if not options.swa_full else np.zeros_like(lo_vis)
-    mass = trace.mass[:, layer_map, :]
+    same_layers = layer_map.size == trace.n_layers and (layer_map == np.arange(trace.n_layers)).all()
+    mass = trace.mass if same_layers else trace.mass[:, layer_map, :]
     if mass.shape[2] < int(hi.max()):
         raise LlamatierError("trace attention table is narrower than its context: re-record the trace")
 

@@ -83,6 +83,11 @@ def _write_counts(ctx: ReplayContext, s: int, tiers_of: np.ndarray, wb: np.ndarr
     if p1 <= p0:
         return
     lay = np.arange(ctx.n_layers)
+    if p1 - p0 == 1:  # a decode step: one token into one block per layer
+        t = tiers_of[:, p0 // B]
+        wb[lay, t] += ctx.bytes_per_token
+        wn[lay, t] += 1
+        return
     for b in range(p0 // B, (p1 - 1) // B + 1):
         tok = min(p1, (b + 1) * B) - max(p0, b * B)
         t = tiers_of[:, b].astype(np.int64)
@@ -124,17 +129,29 @@ def _empty_record(ctx: ReplayContext, start: StartDecision, decision_s: float) -
     return EngineRecord(start, traffic, z, z, z, z, np.zeros((S, L)), np.zeros(S), decision_s, "none")
 
 
+def _tier_counts(tiers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Blocks per (layer, tier) among ``mask`` (float64 [L, 4]): four byte-wide passes, no sorting."""
+    out = np.empty((tiers.shape[0], N_TIERS))
+    eq = np.empty(tiers.shape, dtype=bool)
+    for t in range(N_TIERS):
+        np.equal(tiers, t, out=eq)
+        eq &= mask
+        out[:, t] = eq.view(np.uint8).sum(axis=1, dtype=np.int32)
+    return out
+
+
 def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decision_s: float) -> EngineRecord:
     S, L, NB, B = ctx.n_steps, ctx.n_layers, ctx.n_blocks, ctx.block_tokens
     sparse = ctx.options.mode == "sparse"
     budget = int(ctx.options.block_budget or 0)
     bidx = np.arange(NB)[None, :]
     lay = np.arange(L)
-    key_base = (lay * 5)[:, None]
-    bb_full = np.broadcast_to(ctx.block_bytes[:, None], (L, NB)).ravel()
+    bb = ctx.block_bytes
+    bb_full = np.broadcast_to(bb[:, None], (L, NB))
     bpt = ctx.bytes_per_token.astype(np.float64)
     reserved = np.zeros(4) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
     caps = capacity_of(ctx, start)
+    no_blocks = np.zeros((L, NB), dtype=bool)
 
     read_bytes = np.zeros((S, L, 4))
     read_blocks = np.zeros((S, L, 4))
@@ -148,29 +165,47 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
     alloc = np.zeros((S, 4))
     freed = np.zeros((S, 4))
     dropped = np.zeros((S, L))
-    n_visible = np.zeros(S)
+    n_visible = (ctx.hi_block[:, None] - ctx.lo_visible).sum(axis=1).astype(np.float64)
 
     P = np.array(start.placement, dtype=np.int8, copy=True)
-    alive_prev = np.zeros((L, NB), dtype=bool)
-    occ_prev = np.zeros(4)
+    alive_prev = no_blocks
+    hi_prev, lo_prev = 0, np.zeros(L, dtype=np.int64)
+    st_prev = np.zeros(4)
+    counts_prev = np.zeros((L, N_TIERS))
     for s in range(S):
         hi = int(ctx.hi_block[s])
         lo_a, lo_v = ctx.lo_alive[s], ctx.lo_visible[s]
         below_hi = bidx < hi
         alive = (bidx >= lo_a[:, None]) & below_hi
-        visible = alive if lo_v is lo_a or np.array_equal(lo_v, lo_a) else (bidx >= lo_v[:, None]) & below_hi
-        new = alive & ~alive_prev
+        same_vis = np.array_equal(lo_v, lo_a)
+        visible = alive if same_vis else (bidx >= lo_v[:, None]) & below_hi
+        new = alive & ~alive_prev if hi > hi_prev or s == 0 else no_blocks
+        gone = alive_prev & ~alive if (lo_a > lo_prev).any() else no_blocks
+        if gone is not no_blocks:
+            freed[s] = np.bincount(P[gone].astype(np.int64), weights=bb_full[gone], minlength=4)
         view = StepView(
             step=s, decode=bool(ctx.is_decode[s]), hi_block=hi, lo_alive=lo_a, lo_visible=lo_v,
             new_lo_block=int(ctx.pos0[s]) // B, alive=alive, visible=visible, new_blocks=new,
-            placement=P, occupancy_bytes=occ_prev,
+            placement=P, occupancy_bytes=st_prev - freed[s],
         )
         t0 = time.perf_counter()
         dec: StepDecision = policy.decide(view)
         decision_s += time.perf_counter() - t0
         P_new = P if dec.placement is None else dec.placement
-        _check_placement(ctx, policy, P_new, alive, s)
+        if P_new.shape != (L, NB):
+            _check_placement(ctx, policy, P_new, alive, s)
+        if P_new is P and hi == hi_prev and np.array_equal(lo_a, lo_prev):
+            counts_alive = counts_prev  # nothing moved, appeared or left: same counts
+        else:
+            counts_alive = _tier_counts(P_new, alive)
+            if (counts_alive.sum(axis=1) != hi - lo_a).any():
+                _check_placement(ctx, policy, P_new, alive, s)
         read_tier = P_new if dec.read_tier is None else dec.read_tier
+        if isinstance(read_tier, (int, np.integer)):  # every access served from one tier
+            read_tier = np.full((L, NB), int(read_tier), dtype=np.int8)
+            one_tier = True
+        else:
+            one_tier = False
 
         # -- reads ------------------------------------------------------------------
         if sparse and ctx.is_decode[s]:
@@ -182,9 +217,14 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
             dropped[s] = np.where(visible & ~rmask, ctx.mass[s], 0.0).sum(axis=1)
         else:
             rmask = visible
-        keys = np.where(rmask, read_tier, 4).astype(np.int64) + key_base
-        counts = np.bincount(keys.ravel(), minlength=5 * L).reshape(L, 5)[:, :4].astype(np.float64)
-        rb = counts * ctx.block_bytes[:, None]
+        if rmask is alive and read_tier is P_new:
+            counts = counts_alive.copy()
+        elif one_tier and rmask is visible:
+            counts = np.zeros((L, N_TIERS))
+            counts[:, int(read_tier[0, 0])] = hi - lo_v
+        else:
+            counts = _tier_counts(read_tier, rmask)
+        rb = counts * bb[:, None]
         tok = counts.sum(axis=1) * B
         first, last, miss_f, miss_l = _edge_corrections(ctx, s)
         for blk, miss in ((first, miss_f), (last, miss_l)):
@@ -195,15 +235,11 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
                 np.subtract.at(rb, (lay, t), corr * bpt)
                 tok -= corr
         read_bytes[s], read_blocks[s], read_tokens[s] = rb, counts, tok
-        n_visible[s] = visible.sum()
 
-        # -- writes, allocation, frees, moves -------------------------------------------
+        # -- writes, allocation, moves ------------------------------------------------
         _write_counts(ctx, s, read_tier, write_bytes[s], write_blocks[s])
-        gone = alive_prev & ~alive
-        if gone.any():
-            freed[s] = np.bincount(P[gone].astype(np.int64), weights=bb_full.reshape(L, NB)[gone], minlength=4)
-        if new.any():
-            alloc[s] = np.bincount(read_tier[new].astype(np.int64), weights=bb_full.reshape(L, NB)[new], minlength=4)
+        if new is not no_blocks:
+            alloc[s] = np.bincount(read_tier[new].astype(np.int64), weights=bb_full[new], minlength=4)
         k = MOVE_TIMING_INDEX.get(dec.move_timing)
         if k is None:
             raise LlamatierError(f"policy {policy.name!r} gave move timing {dec.move_timing!r}: use demand, prefetch or free")
@@ -216,12 +252,11 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
                 src = P[changed].astype(np.int64)
                 dst = P_new[changed].astype(np.int64)
                 pair = src * 4 + dst
-                move_bytes[s, k] = np.bincount(pair, weights=bb_full.reshape(L, NB)[changed], minlength=16).reshape(4, 4)
+                move_bytes[s, k] = np.bincount(pair, weights=bb_full[changed], minlength=16).reshape(4, 4)
                 move_count[s, k] = np.bincount(pair, minlength=16).reshape(4, 4)
 
         # -- occupancy ----------------------------------------------------------------
-        okeys = np.where(alive, P_new, 4).astype(np.int64).ravel()
-        st = np.bincount(okeys, weights=bb_full, minlength=5)[:4]
+        st = counts_alive.T @ bb
         occ = st if start.reserved_bytes is None else reserved  # a reservation holds its blocks
         _check_capacity(caps, policy, occ, s)
         stored[s], occupancy[s] = st, occ
@@ -229,7 +264,7 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
         t0 = time.perf_counter()
         policy.observe(view, ctx.mass[s])
         decision_s += time.perf_counter() - t0
-        P, alive_prev, occ_prev = P_new, alive, st
+        P, alive_prev, st_prev, hi_prev, lo_prev, counts_prev = P_new, alive, st, hi, lo_a, counts_alive
 
     traffic = StepTraffic(
         read_bytes=read_bytes, read_blocks=read_blocks, read_tokens=read_tokens, write_bytes=write_bytes,
