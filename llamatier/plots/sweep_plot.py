@@ -126,5 +126,5 @@ def _mark_kv_sizes(ax: Any, cell: pl.DataFrame, as_pct: bool, div: float, unit: 
         if x is None:
             continue
         ax.axvline(x, color="0.4", ls=":", lw=1)
-        ax.text(x, 0.02, f" {text}", rotation=90, va="bottom", ha="right", fontsize=7, color="0.35",
+        ax.text(x, 0.98, f"{text} ", rotation=90, va="top", ha="right", fontsize=7, color="0.35",
                 transform=ax.get_xaxis_transform())
