@@ -76,7 +76,8 @@ def main() -> None:
         for r in result.rows:
             print(f"  {r.pair:14s} bits {r.bits_per_element:6.3f} saved {100 * r.saving_vs_f16:7.3f}% "
                   f"mean KL {r.mean_kl:.5f} +- {r.mean_kl_stderr:.5f} p99 {r.p99_kl:.4f} "
-                  f"top-1 {100 * r.top1_agreement:6.2f}% ppl {r.ppl:.3f} ({r.ppl_change_pct:+.2f}%)")
+                  f"top-1 {100 * r.top1_agreement:6.2f}% ppl {r.ppl:.3f} "
+                  f"({r.ppl_change_pct:+.2f}% +- {r.ppl_change_pct_stderr:.2f})")
     (args.out / "command.txt").write_text("\n".join(lines) + "\n")
 
 

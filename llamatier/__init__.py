@@ -4,6 +4,7 @@ from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile, list_profiles, load_profile
 from llamatier.kvtypes import KV_TYPES, KVType, kv_type
 from llamatier.model import KVGeometry, ModelInfo, read_model_info
+from llamatier.quality import lookup_quality, measure_quality
 from llamatier.trace import Trace, TraceWriter, load_trace
 
 __version__ = "0.1.0"
@@ -21,5 +22,7 @@ __all__ = [
     "list_profiles",
     "load_profile",
     "load_trace",
+    "lookup_quality",
+    "measure_quality",
     "read_model_info",
 ]

@@ -65,6 +65,7 @@ class QualityRow:
     ppl: float  # perplexity of the text under this pair
     ppl_ref: float  # perplexity under the f16/f16 reference
     ppl_change_pct: float  # 100 * (ppl / ppl_ref - 1)
+    ppl_change_pct_stderr: float  # from the paired per-position NLL differences (delta method)
     decode_s: float  # wall time of this pair's llama_decode calls (information only)
 
 
@@ -241,6 +242,8 @@ def _summarise(
     bits, saving, nbytes = pair_storage(geometry, pk, pv)
     ppl = float(np.exp(st.nll.mean()))
     ppl_ref = float(np.exp(nll_ref.mean()))
+    nll_delta = st.nll - nll_ref  # paired: the same positions under both runs
+    nll_delta_stderr = float(nll_delta.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     agree = float(st.top1_agree.mean())
     return QualityRow(
         pair=pair_name(pk, pv),
@@ -259,6 +262,7 @@ def _summarise(
         ppl=ppl,
         ppl_ref=ppl_ref,
         ppl_change_pct=100.0 * (ppl / ppl_ref - 1.0),
+        ppl_change_pct_stderr=100.0 * (ppl / ppl_ref) * nll_delta_stderr,
         decode_s=st.decode_s,
     )
 
