@@ -1,0 +1,146 @@
+"""Seeded generation of sessions and requests from a workload and its traces.
+
+Each session draws (from its own random stream, so adding users never changes
+the draws of existing ones) a number of turns, and per turn a trace; the turn's
+new prompt tokens and output length are that trace's prompt length and decode
+steps. The first turn also carries the shared system-prompt prefix. A turn's
+prompt is the session's whole history (prefix, earlier prompts and outputs)
+plus its new tokens, as a chat server sees it. Turns that would overflow the
+per-sequence context (``slot_context_tokens``) are dropped, with the session's
+later turns, and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llamatier.errors import LlamatierError
+from llamatier.serving.workload import WorkloadSpec
+from llamatier.trace import Trace
+
+OPEN_LOOP_STREAM = 2**31  # random stream of open-loop arrival times (sessions use streams 0..n-1)
+
+
+@dataclass(frozen=True)
+class TraceShape:
+    """What a request takes from a trace: lengths and measured times."""
+
+    label: str
+    prompt_tokens: int  # context after the last prefill step
+    decode_steps: int  # decode steps after the prompt (one output token each)
+    prefill_s: float  # measured wall time of the prefill steps (llama_decode), on the tracing host
+    decode_s: float  # measured wall time of the decode steps
+
+    @property
+    def prefill_s_per_token(self) -> float:
+        return self.prefill_s / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def trace_shape(trace: Trace, label: str = "") -> TraceShape:
+    """Prompt length, decode steps and measured times of a trace."""
+    dec = trace.is_decode
+    ctx = trace.context_tokens
+    if dec.all():
+        raise LlamatierError(f"trace {label or trace.path} has no prefill step: record it with a prompt")
+    last_prefill = int(np.flatnonzero(~dec)[-1])
+    times = trace.steps["decode_s"].to_numpy().astype(np.float64)
+    return TraceShape(
+        label=label or str(trace.path or trace.model.name),
+        prompt_tokens=int(ctx[last_prefill]),
+        decode_steps=int(dec[last_prefill + 1 :].sum()),
+        prefill_s=float(times[~dec].sum()),
+        decode_s=float(times[dec].sum()),
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every session and request of a run (numpy arrays; requests grouped by session, in turn order)."""
+
+    session_start_s: np.ndarray  # float64 [N]: arrival of each session's first turn
+    session_first: np.ndarray  # int64 [N]: index of the session's first request
+    session_turns: np.ndarray  # int64 [N]: turns kept (after dropping those that overflow the context)
+    req_session: np.ndarray  # int64 [R]
+    req_turn: np.ndarray  # int64 [R]
+    req_trace: np.ndarray  # int64 [R]: index into the workload's traces
+    req_new_tokens: np.ndarray  # int64 [R]: prompt tokens new in this turn (turn 0 includes the shared prefix)
+    req_history_tokens: np.ndarray  # int64 [R]: tokens of earlier turns (prefix included) the prompt starts with
+    req_decode_steps: np.ndarray  # int64 [R]
+    req_think_s: np.ndarray  # float64 [R]: think time after the previous turn finished (0 for turn 0)
+    prefix_tokens: int
+    dropped_turns: int  # turns dropped because the session's context would exceed slot_context_tokens
+
+    @property
+    def n_sessions(self) -> int:
+        return int(self.session_start_s.shape[0])
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.req_session.shape[0])
+
+    @property
+    def req_prompt_tokens(self) -> np.ndarray:
+        return self.req_history_tokens + self.req_new_tokens
+
+
+def make_plan(spec: WorkloadSpec, shapes: list[TraceShape]) -> Plan:
+    """Draw sessions and requests for ``spec`` (deterministic for a given seed)."""
+    if not shapes:
+        raise LlamatierError("a workload needs at least one trace")
+    n = spec.n_sessions
+    limit = spec.server.slot_context_tokens
+    lo, hi = spec.turns
+    if spec.closed_loop:
+        ramp = spec.ramp_s if spec.ramp_s is not None else spec.think_time_s
+        starts = np.empty(n)
+    else:
+        gaps = np.random.default_rng([spec.seed, OPEN_LOOP_STREAM]).exponential(1.0 / float(spec.arrival_rate_per_s), n)
+        starts = np.cumsum(gaps) - gaps[0]  # first session at t = 0
+    prompt = np.array([s.prompt_tokens for s in shapes], dtype=np.int64)
+    decode = np.array([s.decode_steps for s in shapes], dtype=np.int64)
+    rows: list[tuple[int, int, int, int, int, int, float]] = []
+    first = np.zeros(n, dtype=np.int64)
+    kept = np.zeros(n, dtype=np.int64)
+    dropped = 0
+    for i in range(n):
+        rng = np.random.default_rng([spec.seed, i])
+        if spec.closed_loop:
+            starts[i] = rng.uniform(0.0, ramp) if ramp > 0 else 0.0
+        n_turns = int(rng.integers(lo, hi + 1))
+        tr = rng.integers(0, len(shapes), n_turns)
+        if spec.think_time_distribution == "exponential" and spec.think_time_s > 0:
+            think = rng.exponential(spec.think_time_s, n_turns)
+        else:
+            think = np.full(n_turns, spec.think_time_s)
+        first[i] = len(rows)
+        history = 0
+        for k in range(n_turns):
+            new = int(prompt[tr[k]]) + (spec.prefix_tokens if k == 0 else 0)
+            if history + new + int(decode[tr[k]]) > limit:
+                dropped += n_turns - k
+                break
+            rows.append((i, k, int(tr[k]), new, history, int(decode[tr[k]]), float(think[k]) if k else 0.0))
+            history += new + int(decode[tr[k]])
+            kept[i] += 1
+    if not rows:
+        raise LlamatierError(
+            f"no request fits [server] slot_context_tokens = {limit}: the traces' prompt + output "
+            f"({int((prompt + decode).min())} tokens at least) plus the prefix do not fit; raise it"
+        )
+    cols = list(zip(*rows, strict=True))
+    return Plan(
+        session_start_s=starts,
+        session_first=first,
+        session_turns=kept,
+        req_session=np.array(cols[0], dtype=np.int64),
+        req_turn=np.array(cols[1], dtype=np.int64),
+        req_trace=np.array(cols[2], dtype=np.int64),
+        req_new_tokens=np.array(cols[3], dtype=np.int64),
+        req_history_tokens=np.array(cols[4], dtype=np.int64),
+        req_decode_steps=np.array(cols[5], dtype=np.int64),
+        req_think_s=np.array(cols[6], dtype=np.float64),
+        prefix_tokens=int(spec.prefix_tokens),
+        dropped_turns=dropped,
+    )

@@ -1,0 +1,223 @@
+"""The project's hot/warm/cold placement applied across sessions.
+
+Built on the paged machinery (:mod:`llamatier.serving.policies.paged`):
+
+- **hot** (HBM): running sequences and the shared system prompt, which every
+  request reads every step; the prefix is pinned in HBM once computed;
+- **warm** (DRAM): idle sessions likely to come back. Blocks leave HBM only when
+  HBM needs the room (write-back: a block that never leaves HBM never crosses
+  the link; the copy overlaps compute, as a watermark demoter would);
+- **cold** (SSD): idle sessions that have waited longer than the
+  ``cold_quantile`` of the think times observed so far (causal: learned from
+  returns already seen, at least ``min_observations``), most of which have
+  ended; they are evicted first and written straight to SSD;
+- when HBM cannot hold every running sequence, instead of preempting or
+  queueing, the oldest blocks of running sequences stay in (or move to) DRAM
+  and are read there each step (host attention or fetch, whichever the cost
+  model finds cheaper per layer), within a per-step budget: at most
+  ``spill_budget_ms`` of host-attention time (default a quarter of the
+  workload's TPOT SLO, else 20 ms). Beyond that budget it preempts like vLLM.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llamatier.serving.policies.base import DEMAND, DRAM, SSD, register_serving_policy
+from llamatier.serving.policies.paged import PagedPolicy
+from llamatier.units import format_bytes, format_seconds
+
+if TYPE_CHECKING:
+    from llamatier.serving.context import ServingContext
+    from llamatier.serving.plan import Plan
+    from llamatier.serving.requests import Request
+
+DEFAULT_SPILL_FRACTION_OF_SLO = 0.25
+DEFAULT_SPILL_BUDGET_S = 0.020
+
+
+@register_serving_policy
+class AdaptiveServingPolicy(PagedPolicy):
+    """Hot/warm/cold across sessions: pinned prefix, write-back, cold detection, bounded spill of running KV."""
+
+    name = "adaptive"
+    summary = "hot (running + shared prefix) in HBM, warm idle sessions in DRAM, cold ones to SSD; bounded DRAM spill"
+    dram_reads = "auto"
+    write_through = False
+    pin_prefix = True
+    cache_kind = "lru"
+
+    def __init__(
+        self,
+        tiers: tuple[str, ...] | list[str] = ("dram", "ssd"),
+        spill_budget_ms: float | None = None,
+        cold_quantile: float = 0.95,
+        min_observations: int = 8,
+    ) -> None:
+        super().__init__(tiers)
+        if spill_budget_ms is not None and spill_budget_ms < 0:
+            raise ValueError("spill_budget_ms must be >= 0")
+        if not 0.0 < cold_quantile <= 1.0 or min_observations < 1:
+            raise ValueError("cold_quantile must be in (0, 1] and min_observations >= 1")
+        self.spill_budget_ms = spill_budget_ms
+        self.cold_quantile = float(cold_quantile)
+        self.min_observations = int(min_observations)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **super().params(),
+            "spill_budget_s": getattr(self, "spill_budget_s", None),
+            "cold_quantile": self.cold_quantile,
+            "min_observations": self.min_observations,
+        }
+
+    def start(self, ctx: ServingContext, plan: Plan) -> str:
+        if self.spill_budget_ms is not None:
+            self.spill_budget_s = self.spill_budget_ms / 1e3
+        elif ctx.spec.slo_tpot_s is not None:
+            self.spill_budget_s = DEFAULT_SPILL_FRACTION_OF_SLO * ctx.spec.slo_tpot_s
+        else:
+            self.spill_budget_s = DEFAULT_SPILL_BUDGET_S
+        bb = float(ctx.block_bytes)
+        has_dram_tier = "dram" in self.tier_names
+        self.spill_budget_blocks = 0
+        if not ctx.host_only and has_dram_tier:
+            self.spill_budget_blocks = int(self.spill_budget_s * ctx.profile.compute.host_attention_bytes_per_s // bb)
+        verdict = super().start(ctx, plan)
+        self.spill_budget_blocks = min(self.spill_budget_blocks, self.cap_lower.get(DRAM, 0))
+        self.released: OrderedDict[int, float] = OrderedDict()  # idle session -> time it went idle
+        self.pending: list[int] = []  # went idle since the last tick (time known at the next one)
+        self.think_obs: list[float] = []
+        self.cold: set[int] = set()
+        self._threshold: tuple[int, float] = (0, float("inf"))
+        spill = (
+            f"spills up to {format_bytes(self.spill_budget_blocks * bb)} of running KV to DRAM "
+            f"({format_seconds(self.spill_budget_s)} of host attention per step)"
+            if self.spill_budget_blocks
+            else "no spill"
+        )
+        return f"{verdict}; prefix pinned in HBM, write-back, cold after the q{self.cold_quantile:g} think time; {spill}"
+
+    def can_spill(self) -> bool:
+        return self.spill_budget_blocks > 0
+
+    # -- spill -------------------------------------------------------------------------------
+    def spill_for_admission(self, req: Request, ids: np.ndarray, shortfall: int) -> int | None:
+        own = ids.size - min(self.n_prefix, ids.size)
+        if shortfall > own or self.low_active + shortfall > self.spill_budget_blocks:
+            return None
+        return shortfall
+
+    def place_low(self, low: np.ndarray, n_hit: int) -> None:
+        bit = np.uint8(1 << DRAM)
+        cache = self.caches[DRAM]
+        for j, i in enumerate(low.tolist()):
+            p = int(self.present[i])
+            if p & int(self.topbit):  # cached in HBM: move it down
+                self.free_q.pop(i, None)
+                self.present[i] &= ~self.topbit
+                self.used_top -= 1
+                if not p & int(bit):
+                    self.add_move(self.top, DRAM, self.bb, 1, DEMAND)
+            elif p & int(bit):
+                pass
+            elif j < n_hit:  # found on SSD/remote: staged into DRAM
+                src = int(self.lowest_tier(np.array([i]))[0])
+                self.add_move(src, DRAM, self.bb, 1, self.load_timing)
+            cache.remove([i])
+            self.present[i] |= bit
+        self.low_active += low.size
+        self.evicted_lower(DRAM, cache.resize(self.cap_lower[DRAM] - self.low_active))
+
+    def spill_for_growth(self) -> bool:
+        if self.low_active + 1 > self.spill_budget_blocks:
+            return False
+        best, best_free = None, 0
+        for rid, ids in self.seq_ids.items():
+            movable = ids.size - min(self.n_prefix, ids.size) - self.seq_low[rid] - 1  # keep the growing tail
+            if movable > best_free:
+                best, best_free = rid, movable
+        if best is None:
+            return False
+        ids = self.seq_ids[best]
+        i = int(ids[min(self.n_prefix, ids.size) + self.seq_low[best]])
+        self.present[i] = (self.present[i] & ~self.topbit) | np.uint8(1 << DRAM)
+        self.pin[i] -= 1
+        self.used_top -= 1
+        self.add_move(self.top, DRAM, self.bb, 1, DEMAND)
+        self.seq_low[best] += 1
+        self.low_active += 1
+        self.caches[DRAM].remove([i])
+        self.evicted_lower(DRAM, self.caches[DRAM].resize(self.cap_lower[DRAM] - self.low_active))
+        return True
+
+    def release_low(self, low: np.ndarray) -> None:
+        cache = self.caches[DRAM]
+        evicted = cache.resize(self.cap_lower[DRAM] - self.low_active)
+        evicted += cache.store(low.tolist())  # already in DRAM: joins the cache without a copy
+        kept = set(cache.stored_of(low.tolist()))
+        lost = [i for i in low.tolist() if i not in kept]
+        if lost:
+            self.evicted_lower(DRAM, lost)
+        if evicted:
+            self.evicted_lower(DRAM, evicted)
+
+    # -- write-back and cold sessions ---------------------------------------------------------
+    def on_evict_top(self, ids: list[int]) -> None:
+        dram_bit = 1 << DRAM
+        back = [i for i in ids if not (int(self.present[i]) & dram_bit)]
+        if not back:
+            return
+        cold = [i for i in back if self._session_of(i) in self.cold]
+        warm = [i for i in back if self._session_of(i) not in self.cold] if cold else back
+        self.store_lower(DRAM, warm, self.top)
+        if cold:
+            self.store_lower(SSD if SSD in self.caches else DRAM, cold, self.top)
+
+    def _session_of(self, block_id: int) -> int:
+        return (block_id - self.n_prefix) // self.max_blocks if block_id >= self.n_prefix else -1
+
+    def release(self, req: Request) -> None:
+        super().release(req)
+        self.pending.append(req.session)  # finished: the session goes idle
+
+    def admit(self, req: Request, now_s: float) -> int | None:
+        reused = super().admit(req, now_s)
+        if reused is not None:
+            s = req.session
+            if s in self.released:
+                self.think_obs.append(max(req.arrival_s - self.released.pop(s), 0.0))
+            if s in self.pending:
+                self.pending.remove(s)
+            self.cold.discard(s)
+        return reused
+
+    def tick(self, now_s: float) -> None:
+        for s in self.pending:
+            self.released[s] = now_s
+        self.pending.clear()
+        if len(self.think_obs) < self.min_observations or not self.released:
+            return
+        n, thr = self._threshold
+        if n != len(self.think_obs):
+            thr = float(np.quantile(self.think_obs, self.cold_quantile))
+            self._threshold = (len(self.think_obs), thr)
+        while self.released:
+            s, t = next(iter(self.released.items()))
+            if now_s - t <= thr:
+                break
+            self.released.pop(s)
+            self._make_cold(s)
+
+    def _make_cold(self, s: int) -> None:
+        self.cold.add(s)
+        base = self.n_prefix + s * self.max_blocks
+        own = base + np.flatnonzero(self.present[base : base + self.max_blocks])
+        for i in own.tolist():  # ascending: the tail ends up first in line
+            if i in self.free_q:
+                self.free_q.move_to_end(i, last=False)
+        if DRAM in self.caches:
+            self.caches[DRAM].demote_first(own.tolist())

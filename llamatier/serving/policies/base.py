@@ -1,0 +1,155 @@
+"""The serving-level policy interface and its registry.
+
+A serving policy owns where every session's KV lives across the four tiers:
+which requests it can admit, which cached tokens a returning session reuses
+(and from which tier), where new KV goes, what it evicts, demotes or
+preempts when a tier is full. The engine (:mod:`llamatier.serving.engine`)
+owns requests, batching, time and costing. The calls, in order::
+
+    start(ctx, plan)                 -> verdict line         once
+    tick(now_s)                                              at each scheduling point
+    admit(req, now_s)                -> reused tokens | None  a waiting request (None: not now)
+    make_room(batch, new_tokens)     -> preempted requests   before each step
+    layout(batch, c, n)              -> (seg_end, seg_tier)  where each sequence's KV is, for the reads
+    commit(batch, c, n)                                      after the step's tokens are in KV
+    release(req)                                             a request finished
+    take_moves()                     -> bytes, transfers     [3 timings, 4 src, 4 dst] since last call
+    occupancy_bytes()                -> [4]                  bytes held per tier now
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from llamatier.errors import LlamatierError
+
+if TYPE_CHECKING:
+    from llamatier.serving.context import ServingContext
+    from llamatier.serving.plan import Plan
+    from llamatier.serving.requests import Request
+
+HBM, DRAM, SSD, REMOTE = 0, 1, 2, 3
+DEMAND, PREFETCH = 0, 1  # move timings, as in llamatier.cost.MOVE_TIMING_INDEX
+N_SEGMENTS = 3  # layout segments per sequence: shared prefix, lower part, upper part
+
+
+class PolicyCannotRun(LlamatierError):
+    """This policy cannot serve this workload on this machine (the verdict says why)."""
+
+
+class ServingPolicy(ABC):
+    """Base class of serving-level KV policies (see the module docstring for the protocol)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    dram_reads: ClassVar[str] = "fetch"  # how the cost model reads DRAM-resident KV: "host", "fetch", "auto"
+
+    def __init__(self) -> None:
+        self._moves_bytes = np.zeros((3, 4, 4))
+        self._moves_count = np.zeros((3, 4, 4))
+
+    @abstractmethod
+    def start(self, ctx: ServingContext, plan: Plan) -> str:
+        """Set up; return a one-line verdict, or raise PolicyCannotRun."""
+
+    def tick(self, now_s: float) -> None:  # noqa: B027 - optional hook
+        """Time-driven housekeeping at a scheduling point (called before admissions)."""
+
+    @abstractmethod
+    def admit(self, req: Request, now_s: float) -> int | None:
+        """Start ``req`` now: reserve its KV and return the prompt tokens reused (None: it must wait).
+
+        Must also set ``req.reused_by_tier`` (tokens found per tier for this admission).
+        """
+
+    @abstractmethod
+    def make_room(self, batch: list[Request], new_tokens: np.ndarray) -> list[Request]:
+        """Make room for this step's new KV; return requests preempted (their KV released)."""
+
+    @abstractmethod
+    def layout(self, batch: list[Request], c: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Segments of each sequence's KV after this step's writes: (seg_end [m, 3], seg_tier [m, 3])."""
+
+    def commit(self, batch: list[Request], c: np.ndarray, n: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """The step's tokens are in KV now (``req.ctx`` = c + n; c, n as given to ``layout``)."""
+
+    @abstractmethod
+    def release(self, req: Request) -> None:
+        """``req`` finished: its KV becomes its session's idle KV (kept, demoted or dropped)."""
+
+    @abstractmethod
+    def occupancy_bytes(self) -> np.ndarray:
+        """Bytes held (or reserved) per tier now, float64 [4]."""
+
+    def params(self) -> dict[str, Any]:
+        """Tunable parameters, for reports."""
+        return {}
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Verify internal invariants (tests call it; raises AssertionError)."""
+
+    # -- moves -------------------------------------------------------------------------
+    def add_move(self, src: int, dst: int, n_bytes: float, transfers: float, timing: int = DEMAND) -> None:
+        """Record a copy of ``n_bytes`` from tier ``src`` to ``dst`` in ``transfers`` transfers."""
+        if n_bytes <= 0 or src == dst:
+            return
+        self._moves_bytes[timing, src, dst] += n_bytes
+        self._moves_count[timing, src, dst] += transfers
+
+    def take_moves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Moves recorded since the last call (bytes, transfers), each [3, 4, 4]."""
+        b, c = self._moves_bytes, self._moves_count
+        self._moves_bytes = np.zeros((3, 4, 4))
+        self._moves_count = np.zeros((3, 4, 4))
+        return b, c
+
+
+_REGISTRY: dict[str, type[ServingPolicy]] = {}
+
+
+def register_serving_policy(cls: type[ServingPolicy]) -> type[ServingPolicy]:
+    """Register a ServingPolicy subclass under ``cls.name`` (a decorator); duplicates are refused."""
+    if not (isinstance(cls, type) and issubclass(cls, ServingPolicy)):
+        raise LlamatierError(f"{cls!r} is not a ServingPolicy subclass")
+    key = cls.name.strip().lower()
+    if not key:
+        raise LlamatierError(f"serving policy class {cls.__name__} has no name: set the class attribute `name`")
+    if key in _REGISTRY and _REGISTRY[key] is not cls:
+        raise LlamatierError(f"a serving policy named {key!r} is already registered ({_REGISTRY[key].__name__})")
+    _REGISTRY[key] = cls
+    return cls
+
+
+def serving_policy_names() -> list[str]:
+    """Registered serving policy names."""
+    return sorted(_REGISTRY)
+
+
+def make_serving_policy(policy: str | type[ServingPolicy] | ServingPolicy, **params: Any) -> ServingPolicy:
+    """A fresh policy from a name, class or instance; an unknown name lists the valid ones."""
+    if isinstance(policy, ServingPolicy):
+        return policy
+    if isinstance(policy, str):
+        key = policy.strip().lower()
+        if key not in _REGISTRY:
+            raise LlamatierError(
+                f"unknown serving policy {policy!r}: valid policies are {', '.join(serving_policy_names())}"
+            )
+        cls = _REGISTRY[key]
+    else:
+        cls = policy
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise LlamatierError(f"bad parameters for serving policy {cls.name!r}: {exc}") from None
+
+
+def uniform_layout(c: np.ndarray, n: np.ndarray, tier: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every sequence's KV in one tier (llama.cpp slots)."""
+    m = c.shape[0]
+    end = np.zeros((m, N_SEGMENTS), dtype=np.int64)
+    end[:, :] = (c + n)[:, None]
+    return end, np.full((m, N_SEGMENTS), tier, dtype=np.int64)
