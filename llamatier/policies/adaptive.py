@@ -107,6 +107,10 @@ class AdaptivePolicy(Policy):
         # lossless without --swa-full: every stored block is read every step, so priorities never differ
         self.uniform_priority = not self.sparse and not ctx.options.swa_full
         self.min_block = float(np.min(ctx.block_bytes))
+        # lossless: all visible blocks are read, but blocks below HBM cost a host round trip (or a
+        # transfer) per layer that has any, so keep them in as few layers as possible: the last ones
+        tilt = 1.0 + 0.1 * (L - 1 - np.arange(L)) / max(L, 1)
+        self.layer_tilt = np.repeat(tilt.astype(np.float32), NB)
         return StartDecision(
             placement=np.full((L, NB), -1, dtype=np.int8),
             verdict="reads ranked by past attention" if self.sparse else "every visible block read each step, fastest tier with room first",
@@ -115,7 +119,7 @@ class AdaptivePolicy(Policy):
     def _priority(self, view: StepView) -> np.ndarray:
         vis = view.visible.ravel()
         if not (self.sparse and view.decode):
-            return vis.astype(np.float32)
+            return vis * self.layer_tilt  # read every step; later layers first to go below HBM
         p = self.score.copy()
         if self.recent_blocks and self.recency_bonus:
             NB = view.alive.shape[1]
@@ -143,6 +147,8 @@ class AdaptivePolicy(Policy):
             if start < idx.size:
                 raise CapacityExhausted(float(occ.sum() + self.sizes[idx[start:]].sum()), float(self.caps.sum()))
         moves_left = self.max_moves_per_step
+        if has_new:
+            moves_left -= self._displace(view, P, p, idx, moves_left)
         old = None
         for t in range(N_TIERS - 1):
             if moves_left <= 0:
@@ -194,6 +200,32 @@ class AdaptivePolicy(Policy):
         return StepDecision(
             placement=placement, read_mask=read_mask, move_timing="prefetch" if self._prefetch else "demand"
         )
+
+    def _displace(self, view: StepView, P: np.ndarray, p: np.ndarray, new_idx: np.ndarray, budget: int) -> int:
+        """New blocks that landed below a full tier take the place of that tier's lowest-priority
+        blocks when they outrank them (one demotion each instead of a slow first write)."""
+        moved = 0
+        old = view.alive.ravel() & ~view.new_blocks.ravel()
+        for t in range(N_TIERS - 1):
+            if moved >= budget:
+                break
+            cand = new_idx[P[new_idx] > t]
+            if cand.size == 0:
+                continue
+            cand = cand[np.argsort(-p[cand], kind="stable")][: budget - moved]
+            here = np.flatnonzero(old & (P == t))
+            low = top_k_indices(here, p, cand.size, largest=False)
+            m = min(cand.size, low.size)
+            if m == 0:
+                continue
+            up, down = cand[:m], low[:m]
+            ok = np.logical_and.accumulate((p[up] > p[down]) & (self.sizes[up] == self.sizes[down]))
+            if ok.any():
+                u, d = up[ok], down[ok]
+                P[d] = P[u]
+                P[u] = t
+                moved += int(ok.sum())
+        return moved
 
     def _select(self, view: StepView, p: np.ndarray) -> np.ndarray:
         L, NB = view.alive.shape
