@@ -13,9 +13,11 @@ with the same capacity; the hit counts are compared too.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -64,6 +66,9 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--hbm-fraction", type=float, default=0.5, help="HBM budget as a fraction of the final KV")
     ap.add_argument("--sparse-budget", type=int, default=None, help="replay in sparse mode with this block budget")
+    ap.add_argument("--quick", action="store_true",
+                    help="accepted for bench/run_all.py; the default run already takes about 10 s")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -106,9 +111,26 @@ def main() -> None:
     print(f"{'libCacheSim LRU':<22} {ids.size:>12,} {lcs_cpu:>7.3f} {lcs_wall:>7.3f} {lcs_rate / 1e6:>8.1f} {1.0:>14.1f}x")
     if args.sparse_budget:
         print("(sparse mode: libCacheSim replays the lossless stream, so it is a reference for scale only)")
-        return
-    print(f"LRU misses: llamatier {ours_misses:,}, libCacheSim {lcs_misses:,} "
-          f"({'equal' if ours_misses == lcs_misses else 'DIFFERENT'})")
+    else:
+        print(f"LRU misses: llamatier {ours_misses:,}, libCacheSim {lcs_misses:,} "
+              f"({'equal' if ours_misses == lcs_misses else 'DIFFERENT'})")
+    if args.json_out:
+        goals = {"static": 100e6, "lru": 100e6, "adaptive": 100e6, "oracle": 20e6}
+        shape = f"{trace.n_layers} layers x {trace.n_blocks} blocks x {trace.n_steps} steps"
+        figures = [
+            {"name": f"replay {p}: block accesses per CPU second ({shape})", "value": round(rate / 1e6, 1),
+             "unit": "M/s", "goal": f">= {goals[p] / 1e6:.0f} M/s"}
+            for p, _n, _cpu, _wall, rate, _dec in rows
+        ]
+        figures.append({"name": "replay: libCacheSim LRU on the same stream", "value": round(lcs_rate / 1e6, 2),
+                        "unit": "M/s", "goal": ""})
+        lru_rate = next(r[4] for r in rows if r[0] == "lru")
+        figures.append({"name": "replay: llamatier LRU / libCacheSim LRU", "value": round(lru_rate / lcs_rate, 1),
+                        "unit": "x", "goal": ""})
+        if not args.sparse_budget:
+            figures.append({"name": "replay: LRU misses equal libCacheSim's", "value": ours_misses == lcs_misses,
+                            "unit": "", "goal": "True"})
+        Path(args.json_out).write_text(json.dumps({"bench": "replay", "figures": figures}, indent=2))
 
 
 if __name__ == "__main__":
