@@ -240,3 +240,21 @@ def test_cli_errors_are_one_line(tiny_trace_dir: Path, args: tuple[str, ...], ne
 
 def test_cli_missing_trace_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("compare", str(tmp_path / "nope")), "trace not found")
+
+
+def test_cli_shows_measured_quality_beside_the_saving(tiny_trace_dir: Path, tmp_path: Path) -> None:
+    from llamatier.quality.store import FORMAT_NAME, FORMAT_VERSION
+
+    row = {"type_k": "q4_0", "type_v": "q4_0", "pair": "q4_0/q4_0", "mean_kl": 0.0123, "p99_kl": 0.2,
+           "top1_agreement": 0.93, "ppl": 10.5, "ppl_ref": 10.0, "ppl_change_pct": 5.0,
+           "bits_per_element": 4.5, "saving_vs_f16": 0.71875, "n_tokens": 100}
+    q = tmp_path / "quality.json"
+    q.write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": {"model": "tiny"},
+                             "rows": [row]}))
+    p = run_cli("replay", str(tiny_trace_dir), "--kv-type", "q4_0", "--quality", str(q))
+    assert p.returncode == 0, p.stderr
+    assert "71.9% fewer bytes than f16/f16" in p.stdout and "mean KL 0.0123" in p.stdout and "93.0%" in p.stdout
+    s = json.loads(run_cli("replay", str(tiny_trace_dir), "--kv-type", "q4_0", "--quality", str(q), "--json").stdout)
+    assert s["quality"]["top1_agreement"] == pytest.approx(0.93)
+    other = run_cli("replay", str(tiny_trace_dir), "--kv-type", "q8_0", "--quality", str(q))
+    assert other.returncode == 0 and "has no measurement for this pair" in other.stdout
