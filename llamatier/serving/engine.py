@@ -33,7 +33,7 @@ from llamatier.serving.policies.base import ServingPolicy
 from llamatier.serving.requests import DECODE, DONE, PREFILL, WAITING, Request
 from llamatier.serving.traffic import TrafficBuffer, TrafficCounter
 
-MAX_CHUNK_STEPS = 256
+MAX_CHUNK_STEPS = 16
 CHUNK_SAFETY = 0.5
 
 
@@ -127,6 +127,7 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
             waiting.popleft()
             got = int(got)
             r.reused_tokens += got
+            r.known_total += r.known_tokens
             r.recomputed_tokens += max(0, r.known_tokens - got)
             r.ctx = got
             r.prefill_left = r.prompt_tokens - got
@@ -149,6 +150,8 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
             k_max = 1
         else:
             k_max = MAX_CHUNK_STEPS
+        if heap and any(r.phase == PREFILL for r in running):
+            k_max = 1  # a prefill step can be far slower than the last chunk's: cost it before going on
         ch = _Chunk(k_max, ctx.n_layers, measured)
         rows = 0
         for _ in range(k_max):
@@ -261,6 +264,7 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
             tok_step.append(np.concatenate(ch.token_rows) + first_step)
         t = float(ends[-1])
         est_step_s = float(step_s.max())
+        policy.observe(step_s, ch.seqs[:rows])
 
     def cat(key: str, shape: tuple[int, ...] = ()) -> np.ndarray:
         return np.concatenate([o[key] for o in out_steps]) if out_steps else np.zeros((0, *shape))

@@ -36,6 +36,7 @@ class Request:
         "reused_by_tier",
         "recomputed_tokens",
         "known_tokens",
+        "known_total",
         "preemptions",
         "admissions",
     )
@@ -60,6 +61,7 @@ class Request:
         self.reused_by_tier = np.zeros(4, dtype=np.int64)
         self.recomputed_tokens = 0  # tokens computed before (by this session, or the shared prefix) and computed again
         self.known_tokens = 0  # tokens of the prompt computed before this admission (reused + recomputed)
+        self.known_total = 0  # known_tokens summed over admissions (= reused_tokens + recomputed_tokens)
         self.preemptions = 0
         self.admissions = 0
 

@@ -82,6 +82,8 @@ class ServeResult:
             reused_tokens=np.array([r.reused_tokens for r in reqs]),
             **{f"reused_{t}_tokens": by_tier[:, i] for i, t in enumerate(TIER_NAMES)},
             recomputed_tokens=np.array([r.recomputed_tokens for r in reqs]),
+            known_tokens=np.array([r.known_total for r in reqs]),
+            admissions=np.array([r.admissions for r in reqs]),
             preemptions=np.array([r.preemptions for r in reqs]),
             completed=np.array([r.finish_step >= 0 for r in reqs]),
         )

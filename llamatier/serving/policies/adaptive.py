@@ -14,9 +14,11 @@ Built on the paged machinery (:mod:`llamatier.serving.policies.paged`):
 - when HBM cannot hold every running sequence, instead of preempting or
   queueing, the oldest blocks of running sequences stay in (or move to) DRAM
   and are read there each step (host attention or fetch, whichever the cost
-  model finds cheaper per layer), within a per-step budget: at most
-  ``spill_budget_ms`` of host-attention time (default a quarter of the
-  workload's TPOT SLO, else 20 ms). Beyond that budget it preempts like vLLM.
+  model finds cheaper per layer), within a per-step budget of host-attention
+  time: at most ``spill_budget_ms`` (default a quarter of the workload's TPOT
+  SLO, else 20 ms) and at most the recent step time divided by the batch size
+  (learned from the costed steps: beyond it a spilled sequence slows every
+  other one more than it adds throughput). Beyond the budget it preempts like vLLM.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llamatier.hardware import TIER_NAMES
 from llamatier.serving.policies.base import DEMAND, DRAM, SSD, register_serving_policy
 from llamatier.serving.policies.paged import PagedPolicy
 from llamatier.units import format_bytes, format_seconds
@@ -83,9 +86,13 @@ class AdaptiveServingPolicy(PagedPolicy):
             self.spill_budget_s = DEFAULT_SPILL_BUDGET_S
         bb = float(ctx.block_bytes)
         has_dram_tier = "dram" in self.tier_names
+        self.host_bw = float(ctx.profile.compute.host_attention_bytes_per_s)
+        self.roundtrip_s = ctx.n_layers * float(ctx.profile.compute.host_roundtrip_s)
         self.spill_budget_blocks = 0
         if not ctx.host_only and has_dram_tier:
-            self.spill_budget_blocks = int(self.spill_budget_s * ctx.profile.compute.host_attention_bytes_per_s // bb)
+            self.spill_budget_blocks = int(max(self.spill_budget_s - self.roundtrip_s, 0.0) * self.host_bw // bb)
+        self.recent_step_s: float | None = None
+        self.recent_batch = 1.0
         verdict = super().start(ctx, plan)
         self.spill_budget_blocks = min(self.spill_budget_blocks, self.cap_lower.get(DRAM, 0))
         self.released: OrderedDict[int, float] = OrderedDict()  # idle session -> time it went idle
@@ -99,15 +106,32 @@ class AdaptiveServingPolicy(PagedPolicy):
             if self.spill_budget_blocks
             else "no spill"
         )
-        return f"{verdict}; prefix pinned in HBM, write-back, cold after the q{self.cold_quantile:g} think time; {spill}"
+        top = TIER_NAMES[self.top]
+        return f"{verdict}; prefix pinned in {top}, write-back, cold after the q{self.cold_quantile:g} think time; {spill}"
 
     def can_spill(self) -> bool:
         return self.spill_budget_blocks > 0
 
+    def observe(self, step_s: np.ndarray, batch_seqs: np.ndarray) -> None:
+        if step_s.size:
+            t, m = float(step_s.mean()), float(batch_seqs.mean())
+            a = 0.2
+            self.recent_step_s = t if self.recent_step_s is None else (1 - a) * self.recent_step_s + a * t
+            self.recent_batch = (1 - a) * self.recent_batch + a * max(m, 1.0)
+
+    def spill_allowed_blocks(self) -> int:
+        """Blocks of running KV that may sit in DRAM now (see the module docstring)."""
+        if self.spill_budget_blocks == 0:
+            return 0
+        if self.recent_step_s is None:
+            return self.spill_budget_blocks
+        budget = min(self.spill_budget_s, self.recent_step_s / self.recent_batch) - self.roundtrip_s
+        return min(self.spill_budget_blocks, int(max(budget, 0.0) * self.host_bw // self.bb))
+
     # -- spill -------------------------------------------------------------------------------
     def spill_for_admission(self, req: Request, ids: np.ndarray, shortfall: int) -> int | None:
         own = ids.size - min(self.n_prefix, ids.size)
-        if shortfall > own or self.low_active + shortfall > self.spill_budget_blocks:
+        if shortfall > own or self.low_active + shortfall > self.spill_allowed_blocks():
             return None
         return shortfall
 
@@ -133,7 +157,7 @@ class AdaptiveServingPolicy(PagedPolicy):
         self.evicted_lower(DRAM, cache.resize(self.cap_lower[DRAM] - self.low_active))
 
     def spill_for_growth(self) -> bool:
-        if self.low_active + 1 > self.spill_budget_blocks:
+        if self.low_active + 1 > self.spill_allowed_blocks():
             return False
         best, best_free = None, 0
         for rid, ids in self.seq_ids.items():

@@ -13,6 +13,7 @@ owns requests, batching, time and costing. The calls, in order::
     layout(batch, c, n)              -> (seg_end, seg_tier)  where each sequence's KV is, for the reads
     commit(batch, c, n)                                      after the step's tokens are in KV
     release(req)                                             a request finished
+    observe(step_s, batch_seqs)                              costed step times, after each chunk
     take_moves()                     -> bytes, transfers     [3 timings, 4 src, 4 dst] since last call
     occupancy_bytes()                -> [4]                  bytes held per tier now
 """
@@ -83,6 +84,9 @@ class ServingPolicy(ABC):
     @abstractmethod
     def occupancy_bytes(self) -> np.ndarray:
         """Bytes held (or reserved) per tier now, float64 [4]."""
+
+    def observe(self, step_s: np.ndarray, batch_seqs: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Costed times of the steps just run and their batch sizes (causal feedback)."""
 
     def params(self) -> dict[str, Any]:
         """Tunable parameters, for reports."""

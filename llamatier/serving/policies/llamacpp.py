@@ -157,10 +157,10 @@ class LlamaCppServerPolicy(ServingPolicy):
         if cached:
             c_lcp, c_sess = max(cached)
             if c_lcp > keep:
-                if self.slot_session[slot] != req.session:
-                    self._save(slot)
                 tok = self.cache.pop(c_sess)
                 self.cache_tokens -= tok
+                if self.slot_session[slot] != req.session:
+                    self._save(slot)
                 self.add_move(DRAM, self.tier, tok * self.bpt, self.transfers, DEMAND)
                 keep, found_tier = c_lcp, DRAM
         if found_tier == self.tier and self.slot_session[slot] not in (-1, req.session):
