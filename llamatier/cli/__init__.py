@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "llamatier.cli.quality_cmd",
     "llamatier.cli.replay_cmd",
     "llamatier.cli.sweep_cmd",
+    "llamatier.cli.serve_cmd",
 ]
 
 for _name in _COMMAND_MODULES:
