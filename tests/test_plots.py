@@ -55,7 +55,7 @@ def test_sweep_plot_has_one_facet_per_profile_and_kv_type(sweep_df, tmp_path):
         assert ax.get_ylabel() == "p99 per-token latency (ms)"
         assert _labels(ax) == ["static", "lru", "adaptive", "oracle (bound)"]
     assert "% of the trace's peak KV bytes" in axes[-1].get_xlabel()
-    assert "vs HBM budget" in fig._suptitle.get_text()
+    assert "vs HBM budget" in fig.get_suptitle()
     legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
     assert legend == ["static", "lru", "adaptive", "oracle (bound)", "llama.cpp n_ctx KV / peak KV"]
     # the drawn line is the data: static on l4, f16, p99 in ms by budget
@@ -115,7 +115,7 @@ def test_compare_plot_shows_latency_and_occupancy_per_policy(tiny_trace, tmp_pat
     assert axes[-1].get_xlabel() == "step (llama_decode call)"
     legend = [t.get_text() for t in axes[1].get_legend().get_texts()]
     assert legend == ["hbm", "dram", "ssd", "remote", "HBM budget"]
-    assert "on a100-40g" in fig._suptitle.get_text()
+    assert "on a100-40g" in fig.get_suptitle()
     assert save_figure(fig, tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
 
 
