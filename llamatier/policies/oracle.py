@@ -1,14 +1,16 @@
 """The clairvoyant bound: placement from the future, migrations free.
 
 The oracle reads the whole trace at start. A block's value at step s is the
-discounted count of the steps, from s on, that read it::
+discounted count of the steps, from s on, that read it, and its priority puts
+the blocks this very step reads first (only they cost time now)::
 
-    value[s] = read[s] + gamma * value[s + 1]
+    value[s]    = read[s] + gamma * value[s + 1]
+    priority[s] = (1 / (1 - gamma) + 1) * read[s] + gamma * value[s + 1]
 
 where ``read`` is the step's visible blocks (lossless) or, in sparse mode, the
 ``block_budget`` blocks of each layer with the most attention mass *in that
 very step* (the best any selection can capture). Each step, stored blocks are
-laid out fastest tier first in value order (a prefix fill, so more capacity
+laid out fastest tier first in priority order (a prefix fill, so more capacity
 never pushes a block down) and every move is free (``move_timing="free"``:
 bytes are counted, time is not). Under these rules more HBM never costs time,
 and with everything in HBM the oracle equals static. It is a bound for
@@ -65,13 +67,16 @@ class OraclePolicy(Policy):
 
     def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
         self.reads = oracle_reads(ctx)
-        value = np.zeros(self.reads.shape, dtype=np.float32)
-        acc = np.zeros(self.reads.shape[1:], dtype=np.float32)
+        # priority[s] = K * read[s] + gamma * value[s + 1]: this step's reads first (moves are free, so
+        # only they cost time now; K exceeds any future value), then the discounted future reads
+        k = 1.0 / (1.0 - self.gamma) + 1.0
+        priority = np.zeros(self.reads.shape, dtype=np.float32)
+        future = np.zeros(self.reads.shape[1:], dtype=np.float32)  # value[s + 1]
         for s in range(ctx.n_steps - 1, -1, -1):
-            acc *= self.gamma
-            acc += self.reads[s]
-            value[s] = acc
-        self.value = value
+            priority[s] = k * self.reads[s] + self.gamma * future
+            future *= self.gamma
+            future += self.reads[s]
+        self.value = priority
         self.caps = np.asarray(ctx.capacity_bytes, dtype=np.float64)
         self.block_bytes = np.asarray(ctx.block_bytes, dtype=np.float64)
         self.sparse = ctx.options.mode == "sparse"
