@@ -8,10 +8,12 @@ lengths, KV types and thread counts, for `llamatier validate`), plus a pair
 with capture on and off to measure what the instrumentation itself costs.
 
 The machine is shared: other processes steal CPU and slow llama.cpp's threads.
-Before each trace the script waits for the other processes to go quiet, and
-it measures their CPU use during the trace (all CPU time on the machine minus
-the tracer's own, from /proc). A trace recorded while others used more than
---max-foreign of the machine is recorded again (up to --tries times). Each
+Before each trace the script waits (a while) for the other processes to go
+quiet, runs the tracer at high priority (nice -20 for its session's autogroup
+when root), and measures their CPU use while llama.cpp runs (all CPU time on
+the machine minus the tracer's own, from /proc, between the trace's creation
+and finish times). A trace recorded while others used more than --max-foreign
+of the machine is recorded again (up to --tries times). Each
 trace's interference is written to traces/calib/manifest.json.
 
     .venv/bin/python bench/record_calibration_traces.py            # all traces
@@ -153,7 +155,7 @@ def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
         time.sleep(10)
 
 
-def run_one(spec: Spec, model: Path, prompt_file: Path, out_dir: Path) -> dict:
+def run_one(spec: Spec, model: Path, prompt_file: Path, out_dir: Path, nice: int = 0) -> dict:
     exe = Path(sys.executable).with_name("llamatier")
     cmd = [str(exe), "trace", str(model), "--prompt-file", str(prompt_file), "--n-predict", str(N_PREDICT),
            "--ctx", str(spec.prompt_tokens + N_PREDICT + 64), "--batch", "512", "--threads", str(spec.threads),
@@ -161,21 +163,50 @@ def run_one(spec: Spec, model: Path, prompt_file: Path, out_dir: Path) -> dict:
            "--capture", spec.capture, "--out", str(out_dir), "--force"]
     hz = os.sysconf("SC_CLK_TCK")
     log = out_dir.with_suffix(".log")
-    b0, s0 = _cpu_busy_jiffies()
+    samples = []  # (wall time, machine busy+steal jiffies, tracer jiffies)
     t0 = time.time()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # exact CPU time of the tracer
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            busy, steal = _cpu_busy_jiffies()
+            if pid:
+                break
+            samples.append((time.time(), busy + steal, _proc_tree_jiffies(proc.pid)))
+            time.sleep(0.25)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - t0
-    b1, s1 = _cpu_busy_jiffies()
     out = log.read_text()
     log.unlink()
     if proc.returncode != 0:
         raise SystemExit(f"trace {spec.name} failed:\n{out}")
-    own_s = usage.ru_utime + usage.ru_stime
-    foreign = max(0.0, ((b1 - b0) + (s1 - s0)) / hz - own_s) / (wall * os.cpu_count())
-    return {"wall_s": round(wall, 2), "foreign_cpu": round(foreign, 4), "steal_s": (s1 - s0) / hz}
+    ncpu = os.cpu_count() or 1
+
+    def foreign(a: tuple, b: tuple) -> float:
+        dt_s = b[0] - a[0]
+        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / hz) / (dt_s * ncpu) if dt_s > 0 else float("nan")
+
+    # the llama.cpp part of the run: between the trace's creation and finish times (1 s resolution)
+    meta = json.loads((out_dir / "meta.json").read_text())
+    start = dt.datetime.fromisoformat(meta["created_utc"]).timestamp()
+    end = dt.datetime.fromisoformat(meta["finished_utc"]).timestamp() + 1
+    inside = [x for x in samples if start <= x[0] <= end]
+    during = foreign(inside[0], inside[-1]) if len(inside) >= 2 else float("nan")
+    whole = foreign(samples[0], samples[-1]) if len(samples) >= 2 else float("nan")
+    return {"wall_s": round(wall, 2), "foreign_cpu": round(during, 4), "foreign_cpu_whole_run": round(whole, 4)}
+
+
+def _boost_autogroup(nice: int) -> None:
+    """Raise this session's autogroup priority: with autogroups, a process's nice value only
+    counts inside its own session, and every other session gets an equal share of the CPUs."""
+    try:
+        if os.getsid(0) != os.getpid():
+            os.setsid()
+        Path("/proc/self/autogroup").write_text(str(nice))
+        print(f"autogroup priority: {Path('/proc/self/autogroup').read_text().strip()}", flush=True)
+    except OSError as exc:
+        print(f"could not raise the autogroup priority ({exc}); timings may suffer from other processes")
 
 
 def main() -> None:
@@ -183,12 +214,18 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated trace names to (re)record")
     ap.add_argument("--max-foreign", type=float, default=0.05, help="max CPU share others may use during a trace")
     ap.add_argument("--tries", type=int, default=4)
-    ap.add_argument("--max-wait-s", type=float, default=600)
+    ap.add_argument("--max-wait-s", type=float, default=600,
+                    help="how long to wait for other processes to go quiet before tracing anyway")
+    ap.add_argument("--nice", type=int, default=-20 if os.geteuid() == 0 else 0,
+                    help="scheduling priority of the tracer (root: -20, also for its autogroup, so other "
+                    "sessions' processes get ~2%% of the CPUs while a trace runs)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from llamatier.workloads import demo_model_path
 
     model = demo_model_path()
+    if args.nice < 0:
+        _boost_autogroup(args.nice)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prompts").mkdir(exist_ok=True)
     manifest_path = OUT / "manifest.json"
@@ -204,16 +241,16 @@ def main() -> None:
         for attempt in range(1, args.tries + 1):
             before = wait_for_quiet(args.max_foreign, args.max_wait_s)
             print(f"{spec.name}: try {attempt} (others used {before:.0%} before)", flush=True)
-            info = run_one(spec, model, prompt_file, OUT / spec.name)
-            info.update(attempt=attempt, foreign_before=round(before, 4))
+            info = run_one(spec, model, prompt_file, OUT / spec.name, args.nice)
+            info.update(attempt=attempt, foreign_before=round(before, 4), nice=args.nice)
             print(f"  {info}", flush=True)
-            best = info
-            if info["foreign_cpu"] <= args.max_foreign:
+            best = info  # the trace directory holds the last attempt
+            if not info["foreign_cpu"] > args.max_foreign:  # NaN (too short to tell) counts as accepted
                 break
         manifest["traces"][spec.name] = {
             **asdict(spec),
             **(best or {}),
-            "accepted": bool(best and best["foreign_cpu"] <= args.max_foreign),
+            "accepted": bool(best and not best["foreign_cpu"] > args.max_foreign),
             "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         manifest.update(n_predict=N_PREDICT, block_tokens=BLOCK_TOKENS, model=str(model.name),
