@@ -32,8 +32,8 @@ def serve_replay(
         help="Serving policy (repeat for several): llamacpp-server, lru, arc, adaptive.",
     ),
     profile: str = typer.Option(None, "--profile", help="Hardware profile (overrides the workload's)."),
-    users: int = typer.Option(None, "--users", help="Concurrent users (overrides [users] count)."),
-    seed: int = typer.Option(None, "--seed", help="Random seed (overrides [workload] seed)."),
+    users: int = typer.Option(None, "--users", help="Concurrent users (overrides users.count)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (overrides workload.seed)."),
     slo_tpot_ms: float = typer.Option(
         None, "--slo-tpot-ms", help="p99 TPOT target: search the largest user count meeting it, per policy."
     ),

@@ -60,7 +60,7 @@ def find_max_users(
     tpot = slo_tpot_s if slo_tpot_s is not None else spec.slo_tpot_s
     ttft = slo_ttft_s if slo_ttft_s is not None else spec.slo_ttft_s
     if tpot is None:
-        raise LlamatierError("the user-count search needs a TPOT target: give --slo-tpot-ms or [slo] tpot_ms")
+        raise LlamatierError("the user-count search needs a TPOT target: give --slo-tpot-ms or slo.tpot_ms")
     if start < 1 or max_search < start:
         raise LlamatierError(f"search bounds must satisfy 1 <= start <= max ({start}, {max_search})")
     spec = spec.with_users(start).with_overrides(slo_tpot_s=tpot, slo_ttft_s=ttft)

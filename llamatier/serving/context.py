@@ -76,28 +76,28 @@ def build_context(spec: WorkloadSpec, *, profile: Profile | None = None, traces:
     try:
         prof = profile or load_profile(spec.profile)
     except LlamatierError as exc:
-        raise WorkloadError(f"{spec.source}: [workload] profile: {exc}") from None
+        raise WorkloadError(f"{spec.source}: workload.profile: {exc}") from None
     if traces is None:
         traces = []
         for i, p in enumerate(spec.traces):
             try:
                 traces.append(load_trace(p))
             except LlamatierError as exc:
-                raise WorkloadError(f"{spec.source}: [workload] traces[{i}]: {exc}") from None
+                raise WorkloadError(f"{spec.source}: workload.traces[{i}]: {exc}") from None
     shapes = [trace_shape(t, label=_label(t, i)) for i, t in enumerate(traces)]
     first = traces[0]
     for i, t in enumerate(traces[1:], start=1):
         if t.model.geometry != first.model.geometry and spec.geometry is None:
             raise WorkloadError(
-                f"{spec.source}: [workload] traces[{i}]: recorded with another model ({t.model.name}) than "
-                f"traces[0] ({first.model.name}): set [workload] geometry so that all requests cost one model"
+                f"{spec.source}: workload.traces[{i}]: recorded with another model ({t.model.name}) than "
+                f"traces[0] ({first.model.name}): set workload.geometry so that all requests cost one model"
             )
     target = None
     if spec.geometry is not None:
         try:
             target = resolve_geometry(spec.geometry)
         except LlamatierError as exc:
-            raise WorkloadError(f"{spec.source}: [workload] geometry: {exc}") from None
+            raise WorkloadError(f"{spec.source}: workload.geometry: {exc}") from None
     budgets = spec.server.budgets_bytes
     B = int(spec.server.block_tokens or first.block_tokens)
     opts = ReplayOptions(
@@ -141,14 +141,14 @@ def build_context(spec: WorkloadSpec, *, profile: Profile | None = None, traces:
     if spec.server.prefill_cost == "measured":
         if not ctx.host_only or rctx.target.what_if:
             raise WorkloadError(
-                f"{spec.source}: [server] prefill_cost: \"measured\" uses the traces' prefill times, measured on "
+                f"{spec.source}: server.prefill_cost: \"measured\" uses the traces' prefill times, measured on "
                 f"the tracing host with the traced model; {prof.name} / {rctx.target.label} is another machine or "
                 "model: use \"model\""
             )
     fast = caps[1] if ctx.host_only else caps[0]
     if seq_bytes > caps.sum():
         raise WorkloadError(
-            f"{spec.source}: [server] slot_context_tokens: one sequence of {spec.server.slot_context_tokens} tokens "
+            f"{spec.source}: server.slot_context_tokens: one sequence of {spec.server.slot_context_tokens} tokens "
             f"holds {format_bytes(seq_bytes)} of KV, more than all tiers together ({format_bytes(caps.sum())})"
         )
     if fast <= 0:

@@ -126,7 +126,7 @@ def make_plan(spec: WorkloadSpec, shapes: list[TraceShape]) -> Plan:
             kept[i] += 1
     if not rows:
         raise LlamatierError(
-            f"no request fits [server] slot_context_tokens = {limit}: the traces' prompt + output "
+            f"no request fits server.slot_context_tokens = {limit}: the traces' prompt + output "
             f"({int((prompt + decode).min())} tokens at least) plus the prefix do not fit; raise it"
         )
     cols = list(zip(*rows, strict=True))

@@ -1,7 +1,6 @@
 """Serving workload files: the TOML schema, its validation, and the parsed :class:`WorkloadSpec`.
 
-A workload says who talks to the server and how: closed-loop users (``[users]
-count``) or Poisson session arrivals (``[users] arrival_rate_per_s``), multi-turn
+A workload says who talks to the server and how: closed-loop users (``users.count``) or Poisson session arrivals (``users.arrival_rate_per_s``), multi-turn
 sessions with think time, a shared system-prompt prefix, and the traces whose
 prompt/output lengths and attention patterns the requests replay. It also names
 the hardware profile, KV type, model geometry, the server's knobs and the SLO.
@@ -105,8 +104,8 @@ class WorkloadSpec:
         """The same workload with another user count (closed loop only)."""
         if not self.closed_loop:
             raise WorkloadError(
-                f"{self.source}: [users] count is not set: the user-count search needs a closed-loop "
-                "workload (set [users] count instead of arrival_rate_per_s)"
+                f"{self.source}: users.count is not set: the user-count search needs a closed-loop "
+                "workload (set users.count instead of arrival_rate_per_s)"
             )
         if int(users) < 1:
             raise WorkloadError(f"user count must be >= 1 (got {users})")
@@ -138,35 +137,35 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
     v = _Validator(source)
     for section, body in data.items():
         if section not in _SCHEMA:
-            v.fail(f"[{section}]", f"unknown section; valid sections are {', '.join('[' + s + ']' for s in _SCHEMA)}")
+            v.fail(f"section {section}", f"unknown section; valid sections are {', '.join(_SCHEMA)}")
         if not isinstance(body, dict):
-            v.fail(f"[{section}]", "must be a table (a [section] header), not a value")
+            v.fail(f"section {section}", "must be a table (a section header line), not a value")
         for key in body:
             if key not in _SCHEMA[section]:
-                v.fail(f"[{section}] {key}", f"unknown key; valid keys are {', '.join(_SCHEMA[section])}")
+                v.fail(f"{section}.{key}", f"unknown key; valid keys are {', '.join(_SCHEMA[section])}")
     w = data.get("workload", {})
     if "workload" not in data:
-        v.fail("[workload]", "missing: it must list the traces and the profile")
+        v.fail("section workload", "missing: it must list the traces and the profile")
     base = base_dir or Path(".")
 
     traces_raw = w.get("traces")
     if traces_raw is None:
-        v.fail("[workload] traces", "missing: list at least one trace directory (recorded by `llamatier trace`)")
+        v.fail("workload.traces", "missing: list at least one trace directory (recorded by `llamatier trace`)")
     if isinstance(traces_raw, str):
         traces_raw = [traces_raw]
     if not isinstance(traces_raw, list) or not traces_raw or not all(isinstance(t, str) for t in traces_raw):
-        v.fail("[workload] traces", "must be a non-empty list of trace directory paths (strings)")
+        v.fail("workload.traces", "must be a non-empty list of trace directory paths (strings)")
     traces = []
     for i, t in enumerate(traces_raw):
         tp = Path(t)
         tp = tp if tp.is_absolute() else base / tp
         if not tp.is_dir():
-            v.fail(f"[workload] traces[{i}]", f"trace directory {tp} not found (record one with `llamatier trace`)")
+            v.fail(f"workload.traces[{i}]", f"trace directory {tp} not found (record one with `llamatier trace`)")
         traces.append(tp)
 
     profile = w.get("profile")
     if not isinstance(profile, str) or not profile.strip():
-        v.fail("[workload] profile", "missing or empty: name a hardware profile (see `llamatier profiles`)")
+        v.fail("workload.profile", "missing or empty: name a hardware profile (see `llamatier profiles`)")
     geometry = v.opt_str(w, "workload", "geometry")
     if geometry is not None:
         gp = Path(geometry)
@@ -179,7 +178,7 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
         try:
             parse_kv_pair(kv)
         except LlamatierError as exc:
-            v.fail("[workload] kv_type", str(exc))
+            v.fail("workload.kv_type", str(exc))
     name = v.opt_str(w, "workload", "name") or (Path(source).stem if source != "<dict>" else "workload")
     seed = v.int_(w, "workload", "seed", default=0, lo=0)
 
@@ -189,30 +188,30 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
     sessions = v.int_(u, "users", "sessions", default=None, lo=1)
     ramp = v.float_(u, "users", "ramp_s", default=None, lo=0.0)
     if (users is None) == (rate is None):
-        v.fail("[users]", "set exactly one of count (closed loop: concurrent users) or arrival_rate_per_s (open loop)")
+        v.fail("section users", "set exactly one of count (closed loop: concurrent users) or arrival_rate_per_s (open loop)")
     if rate is not None and sessions is None:
-        v.fail("[users] sessions", "missing: an open-loop workload (arrival_rate_per_s) needs the number of sessions")
+        v.fail("users.sessions", "missing: an open-loop workload (arrival_rate_per_s) needs the number of sessions")
     if users is not None and sessions is not None:
-        v.fail("[users] sessions", "only applies with arrival_rate_per_s (closed loop runs one session per user)")
+        v.fail("users.sessions", "only applies with arrival_rate_per_s (closed loop runs one session per user)")
     if rate is not None and ramp is not None:
-        v.fail("[users] ramp_s", "only applies with count (closed loop)")
+        v.fail("users.ramp_s", "only applies with count (closed loop)")
 
     s = data.get("sessions", {})
     turns_raw = s.get("turns", 1)
     if isinstance(turns_raw, bool):
-        v.fail("[sessions] turns", "must be an integer >= 1 or a [min, max] pair")
+        v.fail("sessions.turns", "must be an integer >= 1 or a list of two integers such as [1, 4]")
     if isinstance(turns_raw, int):
         turns = (turns_raw, turns_raw)
     elif isinstance(turns_raw, list) and len(turns_raw) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in turns_raw):
         turns = (int(turns_raw[0]), int(turns_raw[1]))
     else:
-        v.fail("[sessions] turns", f"must be an integer >= 1 or a [min, max] pair of integers (got {turns_raw!r})")
+        v.fail("sessions.turns", f"must be an integer >= 1 or a list of two integers such as [1, 4] (got {turns_raw!r})")
     if turns[0] < 1 or turns[1] < turns[0]:
-        v.fail("[sessions] turns", f"needs 1 <= min <= max (got {turns_raw!r})")
+        v.fail("sessions.turns", f"needs 1 <= first <= second (got {turns_raw!r})")
     think = v.float_(s, "sessions", "think_time_s", default=0.0, lo=0.0)
     dist = v.opt_str(s, "sessions", "think_time_distribution") or "exponential"
     if dist not in THINK_DISTRIBUTIONS:
-        v.fail("[sessions] think_time_distribution", f"unknown {dist!r}: use {' or '.join(THINK_DISTRIBUTIONS)}")
+        v.fail("sessions.think_time_distribution", f"unknown {dist!r}: use {' or '.join(THINK_DISTRIBUTIONS)}")
 
     prefix = v.int_(data.get("prefix", {}), "prefix", "shared_tokens", default=0, lo=0)
 
@@ -228,7 +227,7 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
     )
     prefill_cost = v.opt_str(sv, "server", "prefill_cost") or d.prefill_cost
     if prefill_cost not in PREFILL_COSTS:
-        v.fail("[server] prefill_cost", f"unknown {prefill_cost!r}: use {' or '.join(PREFILL_COSTS)}")
+        v.fail("server.prefill_cost", f"unknown {prefill_cost!r}: use {' or '.join(PREFILL_COSTS)}")
     server = ServerSpec(
         slot_context_tokens=v.int_(sv, "server", "slot_context_tokens", default=d.slot_context_tokens, lo=1),
         n_parallel=n_parallel,
@@ -240,7 +239,7 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
         budgets_bytes=budgets,  # type: ignore[arg-type]
     )
     if prefix >= server.slot_context_tokens:
-        v.fail("[prefix] shared_tokens", f"must be below [server] slot_context_tokens ({server.slot_context_tokens})")
+        v.fail("prefix.shared_tokens", f"must be below server.slot_context_tokens ({server.slot_context_tokens})")
 
     slo = data.get("slo", {})
     tpot = v.float_(slo, "slo", "tpot_ms", default=None, lo=0.0, lo_open=True)
@@ -281,7 +280,7 @@ class _Validator:
         if val is None:
             return None
         if not isinstance(val, str) or not val.strip():
-            self.fail(f"[{section}] {key}", f"must be a non-empty string (got {val!r})")
+            self.fail(f"{section}.{key}", f"must be a non-empty string (got {val!r})")
         return val.strip()
 
     def int_(self, body: dict, section: str, key: str, *, default: Any, lo: int, extra: str = "") -> Any:
@@ -290,7 +289,7 @@ class _Validator:
             return None
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
             more = f" {extra}" if extra else ""
-            self.fail(f"[{section}] {key}", f"must be an integer >= {lo}{more} (got {val!r})")
+            self.fail(f"{section}.{key}", f"must be an integer >= {lo}{more} (got {val!r})")
         return int(val)
 
     def float_(self, body: dict, section: str, key: str, *, default: Any, lo: float, lo_open: bool = False) -> Any:
@@ -302,7 +301,7 @@ class _Validator:
             bad = val <= lo if lo_open else val < lo
         if bad:
             rel = ">" if lo_open else ">="
-            self.fail(f"[{section}] {key}", f"must be a finite number {rel} {lo:g} (got {val!r})")
+            self.fail(f"{section}.{key}", f"must be a finite number {rel} {lo:g} (got {val!r})")
         return float(val)
 
     def size(self, body: dict, section: str, key: str, *, default: Any) -> Any:
@@ -310,13 +309,13 @@ class _Validator:
         if val is None:
             return None
         if isinstance(val, bool):
-            self.fail(f"[{section}] {key}", f"must be a size such as \"8GiB\" or a byte count (got {val!r})")
+            self.fail(f"{section}.{key}", f"must be a size such as \"8GiB\" or a byte count (got {val!r})")
         if isinstance(val, (int, float)):
             if val < 0:
-                self.fail(f"[{section}] {key}", f"must be >= 0 bytes (got {val!r})")
+                self.fail(f"{section}.{key}", f"must be >= 0 bytes (got {val!r})")
             return int(val)
         try:
-            return parse_size_bytes(str(val), what=f"[{section}] {key}")
+            return parse_size_bytes(str(val), what=f"{section}.{key}")
         except LlamatierError as exc:
-            self.fail(f"[{section}] {key}", str(exc))
+            self.fail(f"{section}.{key}", str(exc))
         return None  # pragma: no cover

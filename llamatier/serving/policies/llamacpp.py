@@ -73,7 +73,7 @@ class LlamaCppServerPolicy(ServingPolicy):
         sv = ctx.spec.server
         if sv.n_parallel is not None:
             n = sv.n_parallel
-            how = "from [server] n_parallel"
+            how = "from server.n_parallel"
         elif ctx.spec.closed_loop:
             n = int(ctx.spec.users)
             how = "one per user"
