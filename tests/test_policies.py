@@ -268,3 +268,42 @@ def test_oracle_is_a_bound_with_free_moves() -> None:
     tr = r.record.traffic
     assert tr.move_count[:, :2].sum() == 0  # every move is "free": counted, not timed
     assert (r.costs.link_busy_s >= 0).all()
+
+
+def test_plugins_load_from_the_entry_point_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import llamatier.policies.base as base
+
+    class Plugged(Policy):
+        name = "plugged-test"
+
+        def start(self, ctx):  # noqa: ANN001, ANN201
+            return StartDecision(placement=np.full((ctx.n_layers, ctx.n_blocks), 1, dtype=np.int8))
+
+        def decide(self, view):  # noqa: ANN001, ANN201
+            return UNCHANGED
+
+    class EntryPoint:
+        def __init__(self, name: str, obj: object) -> None:
+            self.name, self.value, self._obj = name, f"somepkg:{name}", obj
+
+        def load(self) -> object:
+            if isinstance(self._obj, Exception):
+                raise self._obj
+            return self._obj
+
+    def fake_entry_points(group: str):  # noqa: ANN202
+        assert group == base.ENTRY_POINT_GROUP
+        return [EntryPoint("plugged-test", Plugged)]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    try:
+        assert "plugged-test" in policy_names() and get_policy("plugged-test") is Plugged
+    finally:
+        _REGISTRY.pop("plugged-test", None)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [EntryPoint("broken", ImportError("no"))])
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    with pytest.raises(LlamatierError, match="policy plug-in 'broken'.*failed to load"):
+        policy_names()
