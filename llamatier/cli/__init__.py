@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "llamatier.cli.replay_cmd",
     "llamatier.cli.sweep_cmd",
     "llamatier.cli.serve_cmd",
+    "llamatier.cli.demo_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

@@ -22,6 +22,34 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def run_with_progress(cfg):  # noqa: ANN001, ANN201 - TraceConfig -> TraceSummary
+    """Run the tracer under a rich progress bar showing tokens and tok/s."""
+    from llamatier.trace.tracer import run_trace
+
+    with Progress(
+        TextColumn("[bold]{task.fields[phase]:<7}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TextColumn("[cyan]{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("trace", total=None, phase="load", rate="")
+        state = {"phase": "", "t": time.perf_counter(), "n": 0}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            if phase != state["phase"]:
+                state.update(phase=phase, t=now, n=done)
+            dt = now - state["t"]
+            rate = f"{(done - state['n']) / dt:,.1f} tok/s" if dt > 0 and done > state["n"] else ""
+            bar.update(task, completed=done, total=total, phase=phase, rate=rate)
+
+        return run_trace(cfg, progress)
+
+
 @app.command()
 @cli_errors
 def trace(
@@ -45,7 +73,7 @@ def trace(
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="Stop decoding at end-of-generation tokens."),
 ) -> None:
     """Run MODEL through llama.cpp and record per-step KV attention and timings."""
-    from llamatier.trace.tracer import TraceConfig, run_trace, validate_config
+    from llamatier.trace.tracer import TraceConfig, validate_config
     from llamatier.workloads import builtin_workload, read_prompt_file
 
     if prompt is not None and prompt_file is not None:
@@ -83,28 +111,7 @@ def trace(
         command="llamatier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     validate_config(cfg)  # fail fast, before the progress bar
-    with Progress(
-        TextColumn("[bold]{task.fields[phase]:<7}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TextColumn("[cyan]{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("trace", total=None, phase="load", rate="")
-        state = {"phase": "", "t": time.perf_counter(), "n": 0}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            now = time.perf_counter()
-            if phase != state["phase"]:
-                state.update(phase=phase, t=now, n=done)
-            dt = now - state["t"]
-            rate = f"{(done - state['n']) / dt:,.1f} tok/s" if dt > 0 and done > state["n"] else ""
-            bar.update(task, completed=done, total=total, phase=phase, rate=rate)
-
-        summary = run_trace(cfg, progress)
+    summary = run_with_progress(cfg)
     console.print(
         f"[green]trace written[/] to [bold]{summary.out_dir}[/]: {summary.n_steps} steps "
         f"({summary.n_prompt_tokens} prompt tokens, {summary.n_decode_steps} decode steps); "

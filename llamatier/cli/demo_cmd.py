@@ -1,0 +1,69 @@
+"""`llamatier demo`: trace Gemma 3 270M on the built-in workload, then inspect, sweep and compare."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from llamatier.cli.app import app, cli_errors, console
+
+DEMO_POLICIES = ("static", "lru", "adaptive", "oracle")
+DEMO_BUDGETS = "100%,50%,25%,10%"
+
+
+@app.command()
+@cli_errors
+def demo(
+    out: Path = typer.Option(None, "--out", "-o", help="Where to write the demo trace (default: ./llamatier-demo/<time>)."),
+    n_predict: int = typer.Option(256, "--n-predict", "-n", help="Decode steps after the ~1,300-token prompt."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: usable cores)."),
+    profile: str = typer.Option("a100-40g", "--profile", help="Hardware profile for the replay."),
+    geometry: str = typer.Option("llama3-8b", "--geometry", help="What-if KV geometry for the replay (a preset or a GGUF)."),
+    budget: str = typer.Option("25%", "--hbm-budget", help="HBM budget for the side-by-side comparison (share of the KV, or a size)."),
+) -> None:
+    """Trace Gemma 3 270M (from the `demo` extra) on a built-in workload and print every report."""
+    from llamatier.cli.sweep_cmd import _print_tables
+    from llamatier.cli.trace_cmd import _default_threads, run_with_progress
+    from llamatier.hardware import load_profile
+    from llamatier.inspect import inspect_trace, render_inspection
+    from llamatier.replay import compare, prepare
+    from llamatier.report import compare_renderables, print_renderables
+    from llamatier.sweep import make_cells, parse_budgets, rows_frame, run_cells
+    from llamatier.sweep.cells import peak_kv_bytes
+    from llamatier.trace import load_trace
+    from llamatier.trace.tracer import TraceConfig
+    from llamatier.workloads import builtin_workload, demo_model_path
+
+    t0 = time.perf_counter()
+    console.rule("[bold]1. trace: Gemma 3 270M on llama.cpp, attention captured per KV block")
+    model = demo_model_path()
+    out = out or Path("llamatier-demo") / time.strftime("%Y%m%d-%H%M%S")
+    cfg = TraceConfig(
+        model_path=model, out_dir=out, prompt=builtin_workload(), prompt_source="builtin:workload.txt",
+        n_predict=n_predict, n_ctx=2048, n_batch=512, n_threads=threads or _default_threads(),
+        command=f"llamatier demo --out {out}",
+    )
+    summary = run_with_progress(cfg)
+    console.print(f"trace: [bold]{summary.out_dir}[/] ({summary.n_steps} steps, decode {summary.decode_tok_per_s:.1f} tok/s)")
+
+    console.rule("[bold]2. inspect: where the attention went")
+    tr = load_trace(out)
+    render_inspection(inspect_trace(tr), console)
+
+    console.rule(f"[bold]3. sweep: p99 per-token latency vs HBM budget ({geometry} what-if on {profile})")
+    cells = make_cells(out, policies=DEMO_POLICIES, budgets=parse_budgets(DEMO_BUDGETS), profiles=[profile],
+                       geometry=geometry)
+    df = rows_frame(run_cells(cells, jobs=1))
+    _print_tables(df)
+
+    console.rule(f"[bold]4. compare: policies side by side at an HBM budget of {budget}")
+    (point,) = parse_budgets(budget)
+    cell = make_cells(out, policies=["static"], budgets=[point], profiles=[profile], geometry=geometry)[0]
+    prof = load_profile(profile)
+    budget_bytes = point.resolve_bytes(peak_kv_bytes(prepare(tr, prof, cell.options(None))))
+    comparison = compare(tr, prof, list(DEMO_POLICIES), cell.options(budget_bytes))
+    print_renderables(console, compare_renderables(comparison.summary()))
+    console.print(f"[dim]demo finished in {time.perf_counter() - t0:.0f} s; replay the trace yourself: "
+                  f"llamatier compare {out} --geometry {geometry} --profile {profile}[/]")
