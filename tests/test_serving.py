@@ -123,11 +123,11 @@ def assert_conserved(r) -> None:  # noqa: ANN001
     counts = np.bincount(rec.token_rid, minlength=plan.n_requests)
     np.testing.assert_array_equal(counts, plan.req_decode_steps)
     assert np.isfinite(df["first_token_s"].to_numpy()).all()
-    # each session's turns run in order, one after the other
-    for s in range(plan.n_sessions):
-        rows = df.filter(df["session"] == s).sort("turn")
-        fin, arr = rows["finish_s"].to_numpy(), rows["arrival_s"].to_numpy()
-        assert (arr[1:] >= fin[:-1]).all()
+    # each user's requests (turns, then sessions) run in order, one after the other
+    nxt = plan.req_next
+    has = nxt >= 0
+    fin, arr = df["finish_s"].to_numpy(), df["arrival_s"].to_numpy()
+    np.testing.assert_allclose(arr[nxt[has]], fin[has] + plan.req_think_s[nxt[has]], rtol=1e-12)
     # every token computed before was either found in some tier or counted as recomputed
     known, reused, recomputed = (df[c].to_numpy() for c in ("known_tokens", "reused_tokens", "recomputed_tokens"))
     np.testing.assert_array_equal(reused + recomputed, known)
@@ -229,7 +229,7 @@ def test_user_draws_do_not_depend_on_the_user_count(tiny_trace_dir: Path, short_
     big = make_plan(spec.with_users(9), list(ctx.shapes))
     n = small.n_requests
     np.testing.assert_array_equal(small.req_trace, big.req_trace[:n])
-    np.testing.assert_array_equal(small.session_start_s, big.session_start_s[:3])
+    np.testing.assert_array_equal(small.user_start_s, big.user_start_s[:3])
 
 
 # -- policies ---------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_open_loop_workload_runs_and_rejects_user_search(tiny_trace_dir: Path) -
     spec = spec_of([tiny_trace_dir], users={"count": None, "arrival_rate_per_s": 50.0, "sessions": 6})
     r = serve(spec, "arc", check=True)
     assert_conserved(r)
-    arrivals = np.sort(r.plan.session_start_s)
+    arrivals = np.sort(r.plan.user_start_s)
     assert arrivals[0] == 0.0 and (np.diff(arrivals) >= 0).all()
     with pytest.raises(LlamatierError, match="closed-loop"):
         find_max_users(spec, "arc", slo_tpot_s=0.1)
@@ -315,3 +315,18 @@ def test_measured_prefill_needs_the_traced_model_on_a_host(tiny_trace_dir: Path)
     tr = load_trace(tiny_trace_dir)
     measured = float(tr.steps["decode_s"].to_numpy()[~tr.is_decode].sum())
     assert r.requests_frame()["ttft_s"][0] == pytest.approx(measured, rel=1e-9)
+
+
+def test_users_run_sessions_back_to_back(tiny_trace_dir: Path, short_trace_dir: Path) -> None:
+    spec = busy_spec([tiny_trace_dir, short_trace_dir], users=3)
+    spec = spec.with_overrides(sessions_per_user=3, turns=(1, 2))
+    r = serve(spec, "adaptive", check=True)
+    assert_conserved(r)
+    p = r.plan
+    assert p.n_sessions == 9 and p.n_users == 3
+    assert (p.req_history_tokens[p.req_turn == 0] == 0).all()  # a new session starts a new conversation
+    for u in range(3):
+        mine = np.flatnonzero(p.req_user == u)
+        assert len(set(p.req_session[mine])) == 3
+        np.testing.assert_array_equal(p.req_next[mine[:-1]], mine[1:])  # one chain per user
+        assert p.req_next[mine[-1]] == -1

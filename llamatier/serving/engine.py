@@ -7,8 +7,8 @@ room for the step's new KV and says where each sequence's KV lives; the step's
 reads, writes and the policy's copies become one row of
 :class:`llamatier.cost.StepTraffic`, and the replay's cost model turns rows into
 step times. A request's first token comes at the end of its last prefill step,
-then one token per decode step; when it finishes, its session's next turn
-arrives after the think time.
+then one token per decode step; when it finishes, its user's next turn
+(or next session) arrives after the think time.
 
 Steps are costed in chunks (the cost model is vectorised over steps): a chunk
 ends before the next known arrival is likely due (half the time left at the
@@ -97,10 +97,10 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
     computed = np.zeros(plan.n_sessions, dtype=np.int64)  # tokens of each session's context ever computed
     prefix_done = False
     heap: list[tuple[float, int]] = []
-    for s in range(plan.n_sessions):
-        if plan.session_turns[s] > 0:
-            r = reqs[int(plan.session_first[s])]
-            r.arrival_s = float(plan.session_start_s[s])
+    for u in range(plan.n_users):
+        if plan.user_first[u] >= 0:
+            r = reqs[int(plan.user_first[u])]
+            r.arrival_s = float(plan.user_start_s[u])
             heapq.heappush(heap, (r.arrival_s, r.rid))
     waiting: deque[Request] = deque()
     running: list[Request] = []
@@ -115,7 +115,9 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
 
     while n_done < R:
         while heap and heap[0][0] <= t:
-            waiting.append(reqs[heapq.heappop(heap)[1]])
+            r = reqs[heapq.heappop(heap)[1]]
+            waiting.append(r)
+            policy.arrived(r, t)
         policy.tick(t)
         while waiting and len(running) < sv.max_batch_seqs:
             r = waiting[0]
@@ -242,8 +244,8 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
         ends = starts + step_s
         first_step = step - rows
         for r, row in ch.finished:
-            nxt = r.rid + 1
-            if nxt < R and reqs[nxt].session == r.session:
+            nxt = int(plan.req_next[r.rid])
+            if nxt >= 0:
                 reqs[nxt].arrival_s = float(ends[row] + plan.req_think_s[nxt])
                 heapq.heappush(heap, (reqs[nxt].arrival_s, nxt))
         if heap and heap[0][0] < starts[-1]:
@@ -291,10 +293,8 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
 
 
 def _next_think(plan: Plan, r: Request) -> float | None:
-    nxt = r.rid + 1
-    if nxt < plan.n_requests and int(plan.req_session[nxt]) == r.session:
-        return float(plan.req_think_s[nxt])
-    return None
+    nxt = int(plan.req_next[r.rid])
+    return float(plan.req_think_s[nxt]) if nxt >= 0 else None
 
 
 def _form_batch(running: list[Request], max_tokens: int) -> tuple[list[Request], np.ndarray]:

@@ -1,7 +1,7 @@
 """Seeded generation of sessions and requests from a workload and its traces.
 
-Each session draws (from its own random stream, so adding users never changes
-the draws of existing ones) a number of turns, and per turn a trace; the turn's
+Each user draws (from its own random stream, so adding users never changes
+the draws of existing ones) its sessions: a number of turns, and per turn a trace; the turn's
 new prompt tokens and output length are that trace's prompt length and decode
 steps. The first turn also carries the shared system-prompt prefix. A turn's
 prompt is the session's whole history (prefix, earlier prompts and outputs)
@@ -57,24 +57,30 @@ def trace_shape(trace: Trace, label: str = "") -> TraceShape:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every session and request of a run (numpy arrays; requests grouped by session, in turn order)."""
+    """Every user, session and request of a run (numpy arrays; requests grouped by user, in order)."""
 
-    session_start_s: np.ndarray  # float64 [N]: arrival of each session's first turn
-    session_first: np.ndarray  # int64 [N]: index of the session's first request
-    session_turns: np.ndarray  # int64 [N]: turns kept (after dropping those that overflow the context)
+    user_start_s: np.ndarray  # float64 [U]: arrival of each user's first request
+    user_first: np.ndarray  # int64 [U]: index of the user's first request (-1: none fits)
+    session_turns: np.ndarray  # int64 [N]: turns kept per session (after dropping those that overflow)
+    req_user: np.ndarray  # int64 [R]
     req_session: np.ndarray  # int64 [R]
     req_turn: np.ndarray  # int64 [R]
     req_trace: np.ndarray  # int64 [R]: index into the workload's traces
     req_new_tokens: np.ndarray  # int64 [R]: prompt tokens new in this turn (turn 0 includes the shared prefix)
     req_history_tokens: np.ndarray  # int64 [R]: tokens of earlier turns (prefix included) the prompt starts with
     req_decode_steps: np.ndarray  # int64 [R]
-    req_think_s: np.ndarray  # float64 [R]: think time after the previous turn finished (0 for turn 0)
+    req_think_s: np.ndarray  # float64 [R]: think time after the user's previous request finished (0: first)
+    req_next: np.ndarray  # int64 [R]: the user's next request (-1: none)
     prefix_tokens: int
     dropped_turns: int  # turns dropped because the session's context would exceed slot_context_tokens
 
     @property
+    def n_users(self) -> int:
+        return int(self.user_start_s.shape[0])
+
+    @property
     def n_sessions(self) -> int:
-        return int(self.session_start_s.shape[0])
+        return int(self.session_turns.shape[0])
 
     @property
     def n_requests(self) -> int:
@@ -86,61 +92,80 @@ class Plan:
 
 
 def make_plan(spec: WorkloadSpec, shapes: list[TraceShape]) -> Plan:
-    """Draw sessions and requests for ``spec`` (deterministic for a given seed)."""
+    """Draw users, sessions and requests for ``spec`` (deterministic for a given seed).
+
+    Closed loop: ``users.count`` users each run ``sessions_per_user`` sessions
+    back to back (a think time before every turn but their first). Open loop:
+    every session is its own user, arriving as a Poisson process.
+    """
     if not shapes:
         raise LlamatierError("a workload needs at least one trace")
-    n = spec.n_sessions
+    n_users = spec.users if spec.closed_loop else int(spec.sessions or 0)
+    per_user = spec.sessions_per_user if spec.closed_loop else 1
     limit = spec.server.slot_context_tokens
     lo, hi = spec.turns
     if spec.closed_loop:
         ramp = spec.ramp_s if spec.ramp_s is not None else spec.think_time_s
-        starts = np.empty(n)
+        starts = np.empty(n_users)
     else:
-        gaps = np.random.default_rng([spec.seed, OPEN_LOOP_STREAM]).exponential(1.0 / float(spec.arrival_rate_per_s), n)
+        gaps = np.random.default_rng([spec.seed, OPEN_LOOP_STREAM]).exponential(1.0 / float(spec.arrival_rate_per_s), n_users)
         starts = np.cumsum(gaps) - gaps[0]  # first session at t = 0
     prompt = np.array([s.prompt_tokens for s in shapes], dtype=np.int64)
     decode = np.array([s.decode_steps for s in shapes], dtype=np.int64)
-    rows: list[tuple[int, int, int, int, int, int, float]] = []
-    first = np.zeros(n, dtype=np.int64)
-    kept = np.zeros(n, dtype=np.int64)
+    rows: list[tuple[int, int, int, int, int, int, int, float]] = []
+    first = np.full(n_users, -1, dtype=np.int64)
+    kept = np.zeros(n_users * per_user, dtype=np.int64)
     dropped = 0
-    for i in range(n):
-        rng = np.random.default_rng([spec.seed, i])
+    for u in range(n_users):
+        rng = np.random.default_rng([spec.seed, u])
         if spec.closed_loop:
-            starts[i] = rng.uniform(0.0, ramp) if ramp > 0 else 0.0
-        n_turns = int(rng.integers(lo, hi + 1))
-        tr = rng.integers(0, len(shapes), n_turns)
-        if spec.think_time_distribution == "exponential" and spec.think_time_s > 0:
-            think = rng.exponential(spec.think_time_s, n_turns)
-        else:
-            think = np.full(n_turns, spec.think_time_s)
-        first[i] = len(rows)
-        history = 0
-        for k in range(n_turns):
-            new = int(prompt[tr[k]]) + (spec.prefix_tokens if k == 0 else 0)
-            if history + new + int(decode[tr[k]]) > limit:
-                dropped += n_turns - k
-                break
-            rows.append((i, k, int(tr[k]), new, history, int(decode[tr[k]]), float(think[k]) if k else 0.0))
-            history += new + int(decode[tr[k]])
-            kept[i] += 1
+            starts[u] = rng.uniform(0.0, ramp) if ramp > 0 else 0.0
+        pending_think = 0.0
+        for j in range(per_user):
+            sid = u * per_user + j
+            n_turns = int(rng.integers(lo, hi + 1))
+            tr = rng.integers(0, len(shapes), n_turns)
+            if spec.think_time_distribution == "exponential" and spec.think_time_s > 0:
+                think = rng.exponential(spec.think_time_s, n_turns)
+            else:
+                think = np.full(n_turns, spec.think_time_s)
+            history = 0
+            for k in range(n_turns):
+                new = int(prompt[tr[k]]) + (spec.prefix_tokens if k == 0 else 0)
+                if history + new + int(decode[tr[k]]) > limit:
+                    dropped += n_turns - k
+                    break
+                if first[u] < 0:
+                    first[u] = len(rows)
+                    pending_think = 0.0
+                else:
+                    pending_think += float(think[k])
+                rows.append((u, sid, k, int(tr[k]), new, history, int(decode[tr[k]]), pending_think))
+                pending_think = 0.0
+                history += new + int(decode[tr[k]])
+                kept[sid] += 1
     if not rows:
         raise LlamatierError(
             f"no request fits server.slot_context_tokens = {limit}: the traces' prompt + output "
             f"({int((prompt + decode).min())} tokens at least) plus the prefix do not fit; raise it"
         )
     cols = list(zip(*rows, strict=True))
+    req_user = np.array(cols[0], dtype=np.int64)
+    nxt = np.arange(1, len(rows) + 1, dtype=np.int64)
+    nxt[np.r_[req_user[1:] != req_user[:-1], True]] = -1
     return Plan(
-        session_start_s=starts,
-        session_first=first,
+        user_start_s=starts,
+        user_first=first,
         session_turns=kept,
-        req_session=np.array(cols[0], dtype=np.int64),
-        req_turn=np.array(cols[1], dtype=np.int64),
-        req_trace=np.array(cols[2], dtype=np.int64),
-        req_new_tokens=np.array(cols[3], dtype=np.int64),
-        req_history_tokens=np.array(cols[4], dtype=np.int64),
-        req_decode_steps=np.array(cols[5], dtype=np.int64),
-        req_think_s=np.array(cols[6], dtype=np.float64),
+        req_user=req_user,
+        req_session=np.array(cols[1], dtype=np.int64),
+        req_turn=np.array(cols[2], dtype=np.int64),
+        req_trace=np.array(cols[3], dtype=np.int64),
+        req_new_tokens=np.array(cols[4], dtype=np.int64),
+        req_history_tokens=np.array(cols[5], dtype=np.int64),
+        req_decode_steps=np.array(cols[6], dtype=np.int64),
+        req_think_s=np.array(cols[7], dtype=np.float64),
+        req_next=nxt,
         prefix_tokens=int(spec.prefix_tokens),
         dropped_turns=dropped,
     )

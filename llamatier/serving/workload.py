@@ -35,7 +35,7 @@ PREFILL_COSTS = ("model", "measured")
 # section -> allowed keys (the schema; docs/serving.md documents each)
 _SCHEMA: dict[str, tuple[str, ...]] = {
     "workload": ("name", "seed", "traces", "profile", "geometry", "kv_type"),
-    "users": ("count", "ramp_s", "arrival_rate_per_s", "sessions"),
+    "users": ("count", "ramp_s", "sessions_per_user", "arrival_rate_per_s", "sessions"),
     "sessions": ("turns", "think_time_s", "think_time_distribution"),
     "prefix": ("shared_tokens",),
     "server": (
@@ -80,8 +80,9 @@ class WorkloadSpec:
     profile: str
     geometry: str | None  # preset name or GGUF path; None: the traced model
     kv_type: str | None  # "q8_0/f16" or "q4_0"; None: the traces' types
-    users: int | None  # closed loop: concurrent users (one session each)
+    users: int | None  # closed loop: concurrent users
     ramp_s: float | None  # closed loop: users start uniformly over [0, ramp_s); None: think_time_s
+    sessions_per_user: int  # closed loop: sessions each user runs back to back
     arrival_rate_per_s: float | None  # open loop: Poisson session arrivals per second
     sessions: int | None  # open loop: sessions in the run
     turns: tuple[int, int]  # turns per session, uniform in [lo, hi]
@@ -98,7 +99,7 @@ class WorkloadSpec:
 
     @property
     def n_sessions(self) -> int:
-        return int(self.users if self.users is not None else self.sessions or 0)
+        return int(self.users * self.sessions_per_user if self.users is not None else self.sessions or 0)
 
     def with_users(self, users: int) -> WorkloadSpec:
         """The same workload with another user count (closed loop only)."""
@@ -187,6 +188,7 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
     rate = v.float_(u, "users", "arrival_rate_per_s", default=None, lo=0.0, lo_open=True)
     sessions = v.int_(u, "users", "sessions", default=None, lo=1)
     ramp = v.float_(u, "users", "ramp_s", default=None, lo=0.0)
+    per_user = v.int_(u, "users", "sessions_per_user", default=None, lo=1)
     if (users is None) == (rate is None):
         v.fail("section users", "set exactly one of count (closed loop: concurrent users) or arrival_rate_per_s (open loop)")
     if rate is not None and sessions is None:
@@ -195,6 +197,8 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
         v.fail("users.sessions", "only applies with arrival_rate_per_s (closed loop runs one session per user)")
     if rate is not None and ramp is not None:
         v.fail("users.ramp_s", "only applies with count (closed loop)")
+    if rate is not None and per_user is not None:
+        v.fail("users.sessions_per_user", "only applies with count (open loop: every arrival is a new session)")
 
     s = data.get("sessions", {})
     turns_raw = s.get("turns", 1)
@@ -254,6 +258,7 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
         kv_type=kv,
         users=users,
         ramp_s=ramp,
+        sessions_per_user=per_user or 1,
         arrival_rate_per_s=rate,
         sessions=sessions,
         turns=turns,

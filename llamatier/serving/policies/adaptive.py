@@ -4,13 +4,17 @@ Built on the paged machinery (:mod:`llamatier.serving.policies.paged`):
 
 - **hot** (HBM): running sequences and the shared system prompt, which every
   request reads every step; the prefix is pinned in HBM once computed;
-- **warm** (DRAM): idle sessions likely to come back. Blocks leave HBM only when
-  HBM needs the room (write-back: a block that never leaves HBM never crosses
-  the link; the copy overlaps compute, as a watermark demoter would);
-- **cold** (SSD): idle sessions that have waited longer than the
-  ``cold_quantile`` of the think times observed so far (causal: learned from
-  returns already seen, at least ``min_observations``), most of which have
-  ended; they are evicted first and written straight to SSD;
+- **warm** (DRAM): idle sessions likely to come back. Running sequences are not
+  written through; when a session goes idle its HBM blocks are copied to DRAM
+  in the background, at most half of each step's link time (write-back into
+  idle link time), so that evicting them later costs no copy; blocks still
+  uncopied when HBM needs the room are copied then;
+- **cold**: idle sessions that have waited longer than the ``cold_quantile``
+  of the think times observed so far (causal: learned from returns already
+  seen, at least ``min_observations``), most of which have ended: first in
+  line for eviction from HBM and from DRAM (down to SSD). When a session's
+  next request arrives it is hot again, and while it waits for admission its
+  KV is staged from SSD back into DRAM (a prefetch into idle link time);
 - when HBM cannot hold every running sequence, instead of preempting or
   queueing, the oldest blocks of running sequences stay in (or move to) DRAM
   and are read there each step (host attention or fetch, whichever the cost
@@ -23,7 +27,7 @@ Built on the paged machinery (:mod:`llamatier.serving.policies.paged`):
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,9 +97,17 @@ class AdaptiveServingPolicy(PagedPolicy):
             self.spill_budget_blocks = int(max(self.spill_budget_s - self.roundtrip_s, 0.0) * self.host_bw // bb)
         self.recent_step_s: float | None = None
         self.recent_batch = 1.0
+        link, dram = ctx.profile.link("hbm_dram"), ctx.profile.tier("dram")
+        self.wb_bytes_per_s = min(link.bytes_per_s, dram.write_bytes_per_s)
+        self.wb_queue: deque[int] = deque()
+        ssd, ssd_link = ctx.profile.tier("ssd"), ctx.profile.link("dram_ssd").bytes_per_s
+        self.stage_bytes_per_s = min(ssd_link, ssd.read_bytes_per_s, dram.write_bytes_per_s)
+        self.spill_down_bytes_per_s = min(ssd_link, ssd.write_bytes_per_s, dram.read_bytes_per_s)
+        self.stage_queue: deque[int] = deque()
         verdict = super().start(ctx, plan)
         self.spill_budget_blocks = min(self.spill_budget_blocks, self.cap_lower.get(DRAM, 0))
-        self.released: OrderedDict[int, float] = OrderedDict()  # idle session -> time it went idle
+        self.released: OrderedDict[int, float] = OrderedDict()  # idle, not yet cold session -> time it went idle
+        self.idle_since: dict[int, float] = {}  # every idle session -> time it went idle
         self.pending: list[int] = []  # went idle since the last tick (time known at the next one)
         self.think_obs: list[float] = []
         self.cold: set[int] = set()
@@ -193,35 +205,81 @@ class AdaptiveServingPolicy(PagedPolicy):
     def on_evict_top(self, ids: list[int]) -> None:
         dram_bit = 1 << DRAM
         back = [i for i in ids if not (int(self.present[i]) & dram_bit)]
-        if not back:
+        self.store_lower(DRAM, back, self.top)  # DRAM's coldest blocks make room (cold sessions first)
+
+    def commit(self, batch: list[Request], c: np.ndarray, n: np.ndarray) -> None:
+        """Background copies into the step's idle link time (at most half the recent step time per link):
+        idle sessions' HBM blocks written back to DRAM, returning sessions' blocks staged from SSD to DRAM."""
+        if DRAM not in self.caches or self.top != 0 or not (self.wb_queue or self.stage_queue):
             return
-        cold = [i for i in back if self._session_of(i) in self.cold]
-        warm = [i for i in back if self._session_of(i) not in self.cold] if cold else back
-        self.store_lower(DRAM, warm, self.top)
-        if cold:
-            self.store_lower(SSD if SSD in self.caches else DRAM, cold, self.top)
+        step_s = self.recent_step_s if self.recent_step_s is not None else 0.0
+        dram_bit, top = 1 << DRAM, int(self.topbit)
+        # a copy into a full DRAM pushes a block down to SSD: that copy shares the budget too
+        dram = self.caches[DRAM]
+        free = max(dram.capacity - len(dram), 0)
+        room = free + (int(0.5 * step_s * self.spill_down_bytes_per_s // self.bb) if SSD in self.caches else 0)
+        budget = max(1, min(int(0.5 * step_s * self.wb_bytes_per_s // self.bb), room))
+        out: list[int] = []
+        while self.wb_queue and len(out) < budget:
+            i = self.wb_queue.popleft()
+            p = int(self.present[i])
+            if p & top and not p & dram_bit and self.pin[i] == 0:
+                out.append(i)
+        self.store_lower(DRAM, out, self.top)
+        room -= len(out)
+        budget = min(int(0.5 * step_s * self.stage_bytes_per_s // self.bb), room)
+        staged: list[int] = []
+        while self.stage_queue and len(staged) < budget:
+            i = self.stage_queue.popleft()
+            if not int(self.present[i]) & (dram_bit | top) and self.present[i]:
+                staged.append(i)
+        if staged:
+            src = self.lowest_tier(np.array(staged))
+            for t in np.unique(src).tolist():
+                self.store_lower(DRAM, [i for i, x in zip(staged, src.tolist(), strict=True) if x == t], int(t))
 
     def _session_of(self, block_id: int) -> int:
         return (block_id - self.n_prefix) // self.max_blocks if block_id >= self.n_prefix else -1
 
     def release(self, req: Request) -> None:
+        ids = self.seq_ids[req.rid]
         super().release(req)
         self.pending.append(req.session)  # finished: the session goes idle
+        own = ids[min(self.n_prefix, ids.size) :]
+        self.wb_queue.extend(own[::-1].tolist())  # tail first, like eviction
+
+    def arrived(self, req: Request, now_s: float) -> None:
+        """A session came back: it is hot again; stage its KV from SSD into DRAM while it queues."""
+        s = req.session
+        self.released.pop(s, None)
+        if s in self.idle_since:  # cold ones too: dropping them would bias the think times seen short
+            self.think_obs.append(max(req.arrival_s - self.idle_since.pop(s), 0.0))
+        if s in self.pending:
+            self.pending.remove(s)
+        self.cold.discard(s)
+        dram = self.caches.get(DRAM)
+        if dram is None or self.top != 0:
+            return
+        base = self.n_prefix + s * self.max_blocks
+        p = self.present[base : base + self.max_blocks]
+        held = np.flatnonzero(p)
+        if held.size == 0:
+            return
+        run = held[: int(np.argmax(np.r_[np.diff(held) != 1, True])) + 1] if held[0] == 0 else held[:0]
+        ids = (base + run).tolist()  # the leading blocks a prefix-cache lookup can use
+        dram.touch(ids)
+        self.stage_queue.extend(i for i in ids if not int(self.present[i]) & ((1 << DRAM) | int(self.topbit)))
 
     def admit(self, req: Request, now_s: float) -> int | None:
         reused = super().admit(req, now_s)
         if reused is not None:
-            s = req.session
-            if s in self.released:
-                self.think_obs.append(max(req.arrival_s - self.released.pop(s), 0.0))
-            if s in self.pending:
-                self.pending.remove(s)
-            self.cold.discard(s)
+            self.cold.discard(req.session)
         return reused
 
     def tick(self, now_s: float) -> None:
         for s in self.pending:
             self.released[s] = now_s
+            self.idle_since[s] = now_s
         self.pending.clear()
         if len(self.think_obs) < self.min_observations or not self.released:
             return

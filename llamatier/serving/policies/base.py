@@ -8,6 +8,7 @@ owns requests, batching, time and costing. The calls, in order::
 
     start(ctx, plan)                 -> verdict line         once
     tick(now_s)                                              at each scheduling point
+    arrived(req, now_s)                                      a request joins the waiting queue
     admit(req, now_s)                -> reused tokens | None  a waiting request (None: not now)
     make_room(batch, new_tokens)     -> preempted requests   before each step
     layout(batch, c, n)              -> (seg_end, seg_tier)  where each sequence's KV is, for the reads
@@ -58,6 +59,9 @@ class ServingPolicy(ABC):
 
     def tick(self, now_s: float) -> None:  # noqa: B027 - optional hook
         """Time-driven housekeeping at a scheduling point (called before admissions)."""
+
+    def arrived(self, req: Request, now_s: float) -> None:  # noqa: B027 - optional hook
+        """``req`` joined the waiting queue (a server sees a request arrive before it can run it)."""
 
     @abstractmethod
     def admit(self, req: Request, now_s: float) -> int | None:
