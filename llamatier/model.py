@@ -112,12 +112,8 @@ class ModelInfo:
         return ModelInfo(**dd)
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    v = f.contents()
-    return v
+def _field_value(header: Any, key: str) -> Any:
+    return header.fields.get(key)
 
 
 def _per_layer(value: Any, n_layers: int, default: int) -> tuple[int, ...]:
@@ -145,9 +141,9 @@ def read_model_info(path: str | Path) -> ModelInfo:
             "with llama.cpp's convert_hf_to_gguf.py"
         )
     try:
-        from gguf import GGUFReader
+        from llamatier.gguf_header import read_gguf_header
 
-        reader = GGUFReader(str(p), "r")
+        reader = read_gguf_header(p)
     except Exception:  # truncated or corrupt header
         raise ModelLoadError(
             f"cannot read the GGUF header of {p}: the file is truncated or corrupt (copy or convert it again)"
