@@ -3,6 +3,11 @@
 The error of a step is ``|predicted - measured| / measured`` (absolute percentage
 error, APE). Reported per phase (prefill, decode) and per trace: median, p95,
 max, and the median signed error (bias: > 0 means the model predicts too slow).
+
+Alongside, the *noise floor*: the error of an oracle that predicts each decode
+step by the median measured time of its own trace's steps with the same padded
+KV size. No model of step time can do much better on those steps; the gap
+between the model's error and the noise floor is what the model itself adds.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 
 from llamatier.calibrate import StepData, steps_from_traces
 from llamatier.errors import LlamatierError
-from llamatier.hardware import Profile, load_profile
+from llamatier.hardware import Profile, load_profile, pad_kv_cells
 from llamatier.trace import load_trace
 
 PHASES = ("prefill", "decode")
@@ -64,6 +69,7 @@ class TraceValidation:
     n_prompt_tokens: int
     n_ctx: int
     phases: dict[str, ErrorStats]
+    decode_noise_floor: ErrorStats
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class ValidationReport:
 
     profile: str
     phases: dict[str, ErrorStats]
+    decode_noise_floor: ErrorStats  # error of the per-trace, per-KV-size median oracle
     traces: tuple[TraceValidation, ...]
     skipped_warmup_steps: int
     overlap: tuple[str, ...]  # traces that the profile's fit also used (not held out)
@@ -109,6 +116,19 @@ def predict_steps(profile: Profile, data: StepData) -> np.ndarray:
     )
 
 
+def noise_floor_predictions(data: StepData, kv_pad_cells: int) -> np.ndarray:
+    """Each decode step's 'prediction' by the median of its trace's decode steps with the same padded n_kv."""
+    out = np.full(data.n, np.nan)
+    key_kv = pad_kv_cells(data.n_kv, kv_pad_cells, data.n_ctx)
+    dec = np.flatnonzero(data.is_decode)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in dec:
+        groups.setdefault((int(data.trace_index[i]), int(key_kv[i])), []).append(int(i))
+    for idx in groups.values():
+        out[idx] = np.median(data.decode_s[idx])
+    return out
+
+
 def validate_profile(
     profile: Profile | str, trace_paths: Sequence[str | Path], *, skip_warmup_steps: int = 0
 ) -> ValidationReport:
@@ -121,6 +141,8 @@ def validate_profile(
     data = steps_from_traces(traces)
     predicted = predict_steps(prof, data)
     keep = data.step >= skip_warmup_steps
+    oracle = noise_floor_predictions(data, prof.compute.host_model.kv_pad_cells)  # type: ignore[union-attr]
+    dkeep = keep & data.is_decode
     phases = {}
     for phase in PHASES:
         m = keep & (data.is_decode if phase == "decode" else ~data.is_decode)
@@ -144,6 +166,7 @@ def validate_profile(
                     )
                     for ph in PHASES
                 },
+                decode_noise_floor=ErrorStats.of(data.decode_s[in_trace & dkeep], oracle[in_trace & dkeep]),
             )
         )
     fitted_on = {str(Path(t).resolve()) for t in (prof.compute.host_model.traces if prof.compute.host_model else ())}
@@ -151,6 +174,7 @@ def validate_profile(
     return ValidationReport(
         profile=prof.name,
         phases=phases,
+        decode_noise_floor=ErrorStats.of(data.decode_s[dkeep], oracle[dkeep]),
         traces=tuple(per_trace),
         skipped_warmup_steps=int((~keep).sum()),
         overlap=overlap,

@@ -173,6 +173,8 @@ def test_calibrate_then_validate_end_to_end(two_tiny_traces, tmp_path):
         assert np.isfinite(st["median_ape"]) and st["median_ape"] <= st["p95_ape"] <= st["max_ape"]
         assert st["predicted_s"] > 0
     assert rep["overlap"] == [] and len(rep["traces"]) == 1
+    floor = rep["decode_noise_floor"]  # per-trace median oracle: same steps, its own error
+    assert floor["n_steps"] == 200 and 0 <= floor["median_ape"] <= floor["p95_ape"]
     # validating on the fitted trace itself is flagged as not held out
     proc = run_cli("validate", "--profile", str(out), str(fit_dir))
     assert proc.returncode == 0 and "not a held-out error" in proc.stdout

@@ -97,14 +97,21 @@ def _print_validation(rep: ValidationReport) -> None:
         st = rep.phases[phase]
         table.add_row(phase, str(st.n_steps), _pct(st.median_ape), _pct(st.p95_ape), _pct(st.max_ape),
                       _pct(st.bias), f"{st.measured_s:.3f} s", f"{st.predicted_s:.3f} s")
+    nf = rep.decode_noise_floor
+    table.add_row("[dim]decode noise floor[/]", str(nf.n_steps), _pct(nf.median_ape), _pct(nf.p95_ape),
+                  _pct(nf.max_ape), "-", "-", "-")
     console.print(table)
+    console.print("noise floor: error of predicting each decode step by the median of its own trace's steps "
+                  "of the same KV size (measurement jitter no model can remove)", highlight=False)
     per = Table(title="per trace (decode / prefill median error)")
-    for col in ("trace", "K/V", "threads", "prompt", "decode med", "decode p95", "prefill med"):
+    for col in ("trace", "K/V", "threads", "prompt", "decode med", "decode p95", "bias", "floor med/p95",
+                "prefill med"):
         per.add_column(col)
     for tv in rep.traces:
+        dec, nf = tv.phases["decode"], tv.decode_noise_floor
         per.add_row(Path(tv.trace).name, f"{tv.type_k}/{tv.type_v}", str(tv.n_threads), str(tv.n_prompt_tokens),
-                    _pct(tv.phases["decode"].median_ape), _pct(tv.phases["decode"].p95_ape),
-                    _pct(tv.phases["prefill"].median_ape))
+                    _pct(dec.median_ape), _pct(dec.p95_ape), _pct(dec.bias),
+                    f"{_pct(nf.median_ape)} / {_pct(nf.p95_ape)}", _pct(tv.phases["prefill"].median_ape))
     console.print(per)
     verdict = "meets" if rep.meets_goal else "misses"
     console.print(
