@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,21 +41,24 @@ def main(argv: list[str] | None = None) -> dict:
     from llamatier.hardware import load_profile
     from llamatier.validate import validate_profile
 
-    manifest = json.loads((a.calib_dir / "manifest.json").read_text())
+    os.chdir(ROOT)  # trace paths in the written profile are relative to the repository
+    calib = a.calib_dir.resolve()
+    calib_rel = calib.relative_to(ROOT) if calib.is_relative_to(ROOT) else calib
+    manifest = json.loads((calib / "manifest.json").read_text())
     entries = manifest["traces"]
 
     def split(name: str) -> list[Path]:
-        return [a.calib_dir / n for n, e in sorted(entries.items()) if e["split"] == name]
+        return [calib_rel / n for n, e in sorted(entries.items()) if e["split"] == name]
 
     fit_dirs, held_dirs = split("fit"), split("heldout")
     t0 = time.perf_counter()
     profile, fit = calibrate_profile([str(p) for p in fit_dirs], base="cpu-host", name="cpu-host-calibrated")
     fit_s = time.perf_counter() - t0
-    out = a.profile_out or (a.calib_dir / "cpu-host-calibrated.toml")
+    out = a.profile_out or (calib_rel / "cpu-host-calibrated.toml")
     write_calibrated_profile(profile, out, base_source=load_profile("cpu-host").source)
     rep = validate_profile(profile, [str(p) for p in held_dirs])
     overhead = {}
-    on, off = a.calib_dir / "overhead-on", a.calib_dir / "overhead-off"
+    on, off = calib_rel / "overhead-on", calib_rel / "overhead-off"
     if on.exists() and off.exists():
         r_on = validate_profile(profile, [str(on)])
         r_off = validate_profile(profile, [str(off)])
