@@ -29,6 +29,7 @@ import numpy as np
 
 from llamatier.errors import LlamatierError
 from llamatier.hardware import LINK_NAMES, TIER_NAMES
+from llamatier.outpaths import check_output_file
 
 US = 1e6  # seconds -> microseconds
 SEGMENTS = ("compute", "host_layers", "hbm", "host_attention", "link")  # StepCosts terms, in order
@@ -188,11 +189,7 @@ def timeline_events(what: Any) -> dict[str, Any]:
 
 def write_timeline(what: Any, path: str | Path) -> Path:
     """Write :func:`timeline_events` to ``path`` (JSON); returns the path."""
-    p = Path(path)
-    if p.is_dir():
-        raise LlamatierError(f"--timeline {p} is a directory: give a file name such as {p / 'run.json'}")
-    if not p.parent.exists():
-        raise LlamatierError(f"cannot write {p}: folder {p.parent} does not exist (create it first)")
+    p = check_output_file(path, "--timeline", "run.json")
     data = timeline_events(what)
     try:
         with p.open("w") as fh:

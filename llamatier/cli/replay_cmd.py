@@ -71,6 +71,18 @@ def _load(trace: Path, profile: str) -> tuple[Any, Any]:
     return load_trace(trace), load_profile(profile)
 
 
+def _check_report_paths(plot: Path | None, timeline: Path | None) -> None:
+    """Fail on a bad --plot / --timeline before the replay runs, not after."""
+    if plot is not None:
+        from llamatier.plots import check_plot_path
+
+        check_plot_path(plot)
+    if timeline is not None:
+        from llamatier.outpaths import check_output_file
+
+        check_output_file(timeline, "--timeline", "run.json")
+
+
 def _write_reports(what: Any, *, plot: Path | None, timeline: Path | None) -> None:
     """--plot / --timeline: figures and trace-event JSON from llamatier.plots / llamatier.timeline."""
     if plot is not None:
@@ -117,6 +129,7 @@ def replay(
     opts = _options(hbm_budget=hbm_budget, dram_budget=dram_budget, kv_type=kv_type, geometry=geometry,
                     block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
                     dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
+    _check_report_paths(plot, timeline)
     tr, prof = _load(trace, profile)
     result = run_replay(tr, prof, policy, opts)
     summary = result.summary()
@@ -167,6 +180,7 @@ def compare(
     opts = _options(hbm_budget=hbm_budget, dram_budget=dram_budget, kv_type=kv_type, geometry=geometry,
                     block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
                     dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
+    _check_report_paths(plot, timeline)
     tr, prof = _load(trace, profile)
     comparison = run_compare(tr, prof, names, opts)
     summary = comparison.summary()

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # plots are files: never ask for a display
 from matplotlib.figure import Figure  # noqa: E402
 
 from llamatier.errors import LlamatierError  # noqa: E402
+from llamatier.outpaths import check_output_file  # noqa: E402
 
 PLOT_FORMATS = (".png", ".svg")
 POLICY_COLORS = {
@@ -66,15 +67,11 @@ def log_y(ax: Any) -> None:
 def check_plot_path(path: str | Path) -> Path:
     """Validate a --plot target: .png or .svg, in an existing folder."""
     p = Path(path)
-    if p.is_dir():
-        raise LlamatierError(f"--plot {p} is a directory: give a file name such as {p / 'plot.png'}")
-    if p.suffix.lower() not in PLOT_FORMATS:
+    if not p.is_dir() and p.suffix.lower() not in PLOT_FORMATS:
         raise LlamatierError(
             f"--plot {p}: unknown image type {p.suffix or '(none)'!r}; give a file ending in .png or .svg"
         )
-    if not p.parent.exists():
-        raise LlamatierError(f"cannot write {p}: folder {p.parent} does not exist (create it first)")
-    return p
+    return check_output_file(p, "--plot", "plot.png")
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 130) -> Path:
