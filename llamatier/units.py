@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from llamatier.errors import LlamatierError
@@ -38,7 +39,10 @@ def parse_size_bytes(text: str, *, what: str = "size") -> int:
         raise LlamatierError(
             f"invalid {what} {text!r}: unknown unit {m.group(2)!r}; use B, kB, MB, GB, TB, KiB, MiB, GiB or TiB"
         )
-    return int(round(value * _SIZE_UNITS[unit]))
+    nbytes = value * _SIZE_UNITS[unit]
+    if not math.isfinite(nbytes):
+        raise LlamatierError(f"invalid {what} {text!r}: the number is too large; give a size such as 2GiB or 1TiB")
+    return int(round(nbytes))
 
 
 def format_bytes(n: float) -> str:

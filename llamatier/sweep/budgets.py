@@ -9,6 +9,7 @@ axis stays comparable across KV types and geometries.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,8 @@ def _parse_value(text: str) -> BudgetPoint:
             pct = float(t[:-1])
         except ValueError:
             raise LlamatierError(f"invalid HBM budget {text!r}: {_HELP}") from None
+        if not math.isfinite(pct):
+            raise LlamatierError(f"invalid HBM budget {text!r}: give a finite percentage, e.g. 25%")
         return BudgetPoint(fraction=pct / 100.0)
     return BudgetPoint(size_bytes=parse_size_bytes(t, what="HBM budget"))
 
