@@ -26,7 +26,7 @@ import numpy as np
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KVType, kv_type
 from llamatier.model import ModelInfo, read_model_info
-from llamatier.trace.writer import TraceWriter
+from llamatier.trace.writer import TraceWriter, check_out_dir
 
 PREFILL_ATTRIBUTION = "mean over heads and over the batch's query tokens (each query row weighs equally)"
 
@@ -118,6 +118,7 @@ def validate_config(cfg: TraceConfig) -> tuple[ModelInfo, KVType, KVType]:
         info.geometry.layer_bytes_per_token(layer, tk, tv)  # raises if rows do not fit the block size
     if not cfg.prompt:
         raise LlamatierError("the prompt is empty: give --prompt TEXT or --prompt-file PATH")
+    check_out_dir(cfg.out_dir, overwrite=cfg.overwrite)
     return info, tk, tv
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from llamatier.errors import LlamatierError
+from llamatier.outpaths import make_output_dir
 from llamatier.trace.format import (
     ATTN_SCHEMA,
     FORMAT_NAME,
@@ -42,6 +43,21 @@ def _atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def check_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """A trace directory we may write: not a file, and empty unless ``overwrite`` (checked before a run)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LlamatierError(f"--out {out} is a file; give a directory for the trace")
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise LlamatierError(f"output directory {out} is not empty; choose another --out or pass --force")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LlamatierError(f"cannot create --out directory {out}: {existing} is a file, not a folder")
+    return out
+
+
 class TraceWriter:
     """Writes a trace directory chunk by chunk.
 
@@ -62,16 +78,12 @@ class TraceWriter:
         positions: bool = False,
         overwrite: bool = False,
     ) -> None:
-        self.out = Path(out_dir)
-        if self.out.exists() and any(self.out.iterdir()):
-            if not overwrite:
-                raise LlamatierError(
-                    f"output directory {self.out} is not empty; choose another --out or pass --force"
-                )
+        self.out = check_out_dir(out_dir, overwrite=overwrite)
+        if overwrite:
             for f in self.out.iterdir():
                 if f.is_file() and (f.suffix in (".parquet", ".json", ".tmp")):
                     f.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(self.out, "--out")
         if chunk_steps < 1:
             raise ValueError("chunk_steps must be >= 1")
         self.n_layers = n_layers
