@@ -60,6 +60,10 @@ def quality(
 
     pairs = parse_kv_pairs(kv_types)  # bad names fail here, before the model loads
     text = read_text_file(text_file) if text_file is not None else None
+    if out is not None:
+        from llamatier.outpaths import make_output_dir
+
+        make_output_dir(out, "--out")  # a bad --out fails now, not after the runs
     with Progress(
         TextColumn("teacher-forced runs"),
         BarColumn(),
@@ -78,7 +82,7 @@ def quality(
             text_source=f"file:{text_file}" if text_file is not None else None,
             ctx=ctx,
             batch_tokens=batch,
-            n_threads=threads or _default_threads(),
+            n_threads=threads if threads is not None else _default_threads(),
             flash_attn=flash_attn,
             reference_flash_attn=reference_flash_attn,
             progress=lambda done, total: bar.update(task, completed=done, total=total),

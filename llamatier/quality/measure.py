@@ -116,12 +116,16 @@ def default_text() -> str:
 def read_text_file(path: str | Path) -> str:
     """Read the user's evaluation text; a clear error when it is missing or unreadable."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise LlamatierError(f"text file not found: {p} (give a UTF-8 text file to --text-file)")
+    if p.is_dir():
+        raise LlamatierError(f"--text-file {p} is a directory; give a UTF-8 text file")
     try:
         return p.read_text("utf-8")
     except UnicodeDecodeError:
         raise LlamatierError(f"{p} is not UTF-8 text; convert it to UTF-8 first") from None
+    except OSError as exc:
+        raise LlamatierError(f"cannot read --text-file {p}: {exc.strerror or exc}") from None
 
 
 KVPairSpec = str | Sequence[str | tuple[KVType, KVType]]
@@ -291,7 +295,7 @@ def measure_quality(
     pairs = parse_kv_pairs(kv_pairs)
     if batch_tokens < 1:
         raise LlamatierError(f"batch size must be at least 1 token, got {batch_tokens}")
-    n_threads = int(n_threads or max(1, min(8, os.cpu_count() or 1)))
+    n_threads = int(n_threads if n_threads is not None else max(1, min(8, os.cpu_count() or 1)))
     if n_threads < 1:
         raise LlamatierError(f"threads must be at least 1, got {n_threads}")
 

@@ -20,6 +20,7 @@ import polars as pl
 
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import kv_type
+from llamatier.outpaths import make_output_dir
 from llamatier.quality.measure import QualityResult
 
 FORMAT_NAME = "llamatier-quality"
@@ -66,16 +67,16 @@ def rows_frame(result: QualityResult) -> pl.DataFrame:
 
 def save_quality(result: QualityResult, out_dir: str | Path) -> list[Path]:
     """Write quality.json, quality.parquet and quality_positions.parquet; return their paths."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LlamatierError(f"--out {out} is a file; give a directory to write results into")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir, "--out")
     paths = [out / JSON_FILE, out / PARQUET_FILE]
-    paths[0].write_text(json.dumps(result_to_dict(result), indent=2) + "\n")
-    rows_frame(result).write_parquet(paths[1])
-    if result.positions is not None:
-        paths.append(out / POSITIONS_FILE)
-        result.positions.write_parquet(paths[2])
+    try:
+        paths[0].write_text(json.dumps(result_to_dict(result), indent=2) + "\n")
+        rows_frame(result).write_parquet(paths[1])
+        if result.positions is not None:
+            paths.append(out / POSITIONS_FILE)
+            result.positions.write_parquet(paths[2])
+    except OSError as exc:
+        raise LlamatierError(f"cannot write quality results to {out}: {exc.strerror or exc}") from None
     return paths
 
 
