@@ -24,7 +24,7 @@ _TERM_UNITS = {  # base term -> (unit of x, display scale, display unit)
     "output": ("logits row", 1e3, "ms"),
     "token": ("batch token", 1e6, "us"),
     "kv": ("KV cell", 1e9, "ns"),
-    "token_kv": ("token x KV cell", 1e12, "ps"),
+    "token_kv": ("token x KV cell", 1e9, "ns"),
 }
 
 
