@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from llamatier.cli.app import app, cli_errors, console
+from llamatier.errors import LlamatierError
 
 DEMO_POLICIES = ("static", "lru", "adaptive", "oracle")
 DEMO_BUDGETS = "100%,50%,25%,10%"
@@ -26,6 +27,7 @@ def demo(
     """Trace Gemma 3 270M (from the `demo` extra) on a built-in workload and print every report."""
     from llamatier.cli.sweep_cmd import _print_tables
     from llamatier.cli.trace_cmd import _default_threads, run_with_progress
+    from llamatier.geometry_presets import resolve_geometry
     from llamatier.hardware import load_profile
     from llamatier.inspect import inspect_trace, render_inspection
     from llamatier.replay import compare, prepare
@@ -33,18 +35,29 @@ def demo(
     from llamatier.sweep import make_cells, parse_budgets, rows_frame, run_cells
     from llamatier.sweep.cells import peak_kv_bytes
     from llamatier.trace import load_trace
-    from llamatier.trace.tracer import TraceConfig
+    from llamatier.trace.tracer import TraceConfig, validate_config
     from llamatier.workloads import builtin_workload, demo_model_path
 
     t0 = time.perf_counter()
-    console.rule("[bold]1. trace: Gemma 3 270M on llama.cpp, attention captured per KV block")
+    # Bad options fail now, not after the trace has run.
+    prof = load_profile(profile)
+    resolve_geometry(geometry)
+    points = parse_budgets(budget)
+    if len(points) != 1:
+        raise LlamatierError(f"--hbm-budget {budget!r} gives {len(points)} budgets; the demo compares at one, e.g. 25%")
+    (point,) = points
     model = demo_model_path()
     out = out or Path("llamatier-demo") / time.strftime("%Y%m%d-%H%M%S")
     cfg = TraceConfig(
         model_path=model, out_dir=out, prompt=builtin_workload(), prompt_source="builtin:workload.txt",
-        n_predict=n_predict, n_ctx=2048, n_batch=512, n_threads=threads or _default_threads(),
+        n_predict=n_predict, n_ctx=2048, n_batch=512,
+        n_threads=threads if threads is not None else _default_threads(),
         command=f"llamatier demo --out {out}",
     )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LlamatierError(f"--out {out} exists and is not an empty directory; give a new directory for the demo trace")
+    validate_config(cfg)
+    console.rule("[bold]1. trace: Gemma 3 270M on llama.cpp, attention captured per KV block")
     summary = run_with_progress(cfg)
     console.print(f"trace: [bold]{summary.out_dir}[/] ({summary.n_steps} steps, decode {summary.decode_tok_per_s:.1f} tok/s)")
 
@@ -59,9 +72,7 @@ def demo(
     _print_tables(df)
 
     console.rule(f"[bold]4. compare: policies side by side at an HBM budget of {budget}")
-    (point,) = parse_budgets(budget)
     cell = make_cells(out, policies=["static"], budgets=[point], profiles=[profile], geometry=geometry)[0]
-    prof = load_profile(profile)
     budget_bytes = point.resolve_bytes(peak_kv_bytes(prepare(tr, prof, cell.options(None))))
     comparison = compare(tr, prof, list(DEMO_POLICIES), cell.options(budget_bytes))
     print_renderables(console, compare_renderables(comparison.summary()))

@@ -96,7 +96,7 @@ def trace(
         n_predict=n_predict,
         n_ctx=ctx,
         n_batch=batch,
-        n_threads=threads or _default_threads(),
+        n_threads=threads if threads is not None else _default_threads(),
         type_k=type_k,
         type_v=type_v,
         block_tokens=block_tokens,
