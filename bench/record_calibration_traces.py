@@ -219,6 +219,7 @@ def _boost_autogroup(nice: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated trace names to (re)record")
+    ap.add_argument("--out", type=Path, default=OUT, help="trace set directory (default: traces/calib)")
     ap.add_argument("--max-foreign", type=float, default=0.05, help="max CPU share others may use during a trace")
     ap.add_argument("--tries", type=int, default=4)
     ap.add_argument("--max-wait-s", type=float, default=600,
@@ -233,22 +234,26 @@ def main() -> None:
     model = demo_model_path()
     if args.nice < 0:
         _boost_autogroup(args.nice)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "prompts").mkdir(exist_ok=True)
-    manifest_path = OUT / "manifest.json"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts").mkdir(exist_ok=True)
+    manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"traces": {}}
     only = {s for s in args.only.split(",") if s}
     for spec in PLAN:
         if only and spec.name not in only:
             continue
-        prompt_file = OUT / "prompts" / f"{spec.prompt}-{spec.prompt_tokens}.txt"
+        prompt_file = out / "prompts" / f"{spec.prompt}-{spec.prompt_tokens}.txt"
+        shipped = OUT / "prompts" / prompt_file.name
+        if not prompt_file.exists() and shipped.exists():  # the same prompts as the committed set
+            prompt_file.write_text(shipped.read_text())
         if not prompt_file.exists():
             prompt_file.write_text(make_prompt(model, spec.prompt, spec.prompt_tokens))
         best = None
         for attempt in range(1, args.tries + 1):
             before = wait_for_quiet(args.max_foreign, args.max_wait_s)
             print(f"{spec.name}: try {attempt} (others used {before:.0%} before)", flush=True)
-            info = run_one(spec, model, prompt_file, OUT / spec.name, args.nice)
+            info = run_one(spec, model, prompt_file, out / spec.name, args.nice)
             info.update(attempt=attempt, foreign_before=round(before, 4), nice=args.nice)
             print(f"  {info}", flush=True)
             best = info  # the trace directory holds the last attempt
