@@ -49,6 +49,8 @@ def sweep(
     )
 
     from llamatier.sweep import (
+        SweepInterrupted,
+        check_jobs,
         check_out_path,
         make_cells,
         parse_budgets,
@@ -59,6 +61,7 @@ def sweep(
     from llamatier.units import parse_size_bytes
 
     check_out_path(out)
+    check_jobs(jobs)
     if plot is not None:
         from llamatier.plots import check_plot_path
 
@@ -72,9 +75,14 @@ def sweep(
     with Progress(
         TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
+        disable=not err_console.is_terminal,
     ) as bar:
         task = bar.add_task("sweep", total=len(cells))
-        rows = run_cells(cells, jobs=jobs, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        try:
+            rows = run_cells(cells, jobs=jobs, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except SweepInterrupted as exc:
+            kept = f"the {len(exc.rows)} finished rows are in {write_results(rows_frame(exc.rows), out)}" if exc.rows else "no cell had finished"
+            raise LlamatierError(f"{exc}: {kept}; run the sweep again for the rest", exit_code=130) from None
     df = rows_frame(rows)
     errors = df.filter(df["error"].is_not_null())
     if errors.height == df.height:
@@ -94,6 +102,8 @@ def sweep(
         print_json({"out": str(out), "plot": str(plot) if plot else None, "rows": df.to_dicts()})
         return
     _print_tables(df)
+    for note in df["notes"].drop_nulls().unique(maintain_order=True):
+        console.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)
     console.print(f"[green]wrote[/] {df.height} rows to [bold]{out}[/]" + (f"; plot [bold]{plot}[/]" if plot else ""))
 
 

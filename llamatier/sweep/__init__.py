@@ -8,6 +8,8 @@ Parquet file (:func:`write_results`), one row per cell.
 from llamatier.sweep.budgets import BudgetPoint, parse_budgets
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, peak_kv_bytes, run_cell, summary_row
 from llamatier.sweep.runner import (
+    SweepInterrupted,
+    check_jobs,
     check_out_path,
     default_jobs,
     make_cells,
@@ -23,6 +25,8 @@ __all__ = [
     "ROW_SCHEMA",
     "BudgetPoint",
     "SweepCell",
+    "SweepInterrupted",
+    "check_jobs",
     "check_out_path",
     "default_jobs",
     "facet_tables",

@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from llamatier.errors import LlamatierError
+from llamatier.outpaths import check_output_file
 from llamatier.sweep.budgets import BudgetPoint
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, _geometry, _profile, _trace, run_cell
 
@@ -62,7 +63,7 @@ def make_cells(
     from llamatier.policies import get_policy
 
     path = str(Path(trace_path))
-    _trace(path)  # a missing or corrupt trace fails here, once
+    trace = _trace(path)  # a missing or corrupt trace fails here, once
     pols = [p for p in _split(policies) if p]
     profs = [p for p in _split(profiles) if p]
     kvs = _split(kv_types)
@@ -72,6 +73,8 @@ def make_cells(
         raise LlamatierError("no profiles given: e.g. --profiles a100-40g,l4 (see `llamatier profiles`)")
     if not budgets:
         raise LlamatierError("no HBM budgets given: e.g. --hbm-budget 10%..100%")
+    if kv_types is not None and kvs == [None]:
+        raise LlamatierError("no KV types given: e.g. --kv-types f16,q8_0,q4_0/f16 (or leave it out for the trace's)")
     for p in pols:
         get_policy(p)
     for p in profs:
@@ -101,7 +104,24 @@ def make_cells(
         for prof, kv, pol, b in itertools.product(profs, kvs, pols, budgets)
     ]
     cells[0].options(None)  # option errors (mode, block budget, ...) surface here
+    if block_tokens is not None:
+        trace.with_block_tokens(int(block_tokens))  # not a multiple of the trace's blocks: fail here, once
     return cells
+
+
+class SweepInterrupted(LlamatierError):
+    """Ctrl-C during :func:`run_cells`: ``rows`` holds the cells that finished (in cell order)."""
+
+    def __init__(self, rows: list[dict[str, Any]], n_cells: int) -> None:
+        super().__init__(f"sweep interrupted after {len(rows)} of {n_cells} cells", exit_code=130)
+        self.rows = rows
+        self.n_cells = n_cells
+
+
+def check_jobs(jobs: int | None) -> None:
+    """``jobs`` is None (usable cores) or at least 1."""
+    if jobs is not None and jobs < 1:
+        raise LlamatierError(f"--jobs must be >= 1 (got {jobs})")
 
 
 def _pool(jobs: int) -> ProcessPoolExecutor:
@@ -128,36 +148,38 @@ def run_cells(
     ``if __name__ == "__main__":`` guard.
     """
     n = len(cells)
-    if jobs is not None and jobs < 1:
-        raise LlamatierError(f"--jobs must be >= 1 (got {jobs})")
+    check_jobs(jobs)
     rows: list[dict[str, Any] | None] = [None] * n
     done = 0
     if progress:
         progress(0, n)
-    if executor is None and (min(jobs or default_jobs(), n) <= 1):
-        for i, cell in enumerate(cells):
-            rows[i] = run_cell(cell)
-            done += 1
-            if progress:
-                progress(done, n)
-    else:
-        own = executor is None
-        pool = executor if executor is not None else _pool(min(jobs or default_jobs(), n))
-        try:
-            futures = {pool.submit(run_cell, cell): i for i, cell in enumerate(cells)}
-            for fut in as_completed(futures):
-                rows[futures[fut]] = fut.result()
+    try:
+        if executor is None and (min(jobs or default_jobs(), n) <= 1):
+            for i, cell in enumerate(cells):
+                rows[i] = run_cell(cell)
                 done += 1
                 if progress:
                     progress(done, n)
-        except BrokenProcessPool:
-            raise LlamatierError(
-                "a sweep worker process died before finishing its cell: in a script, call run_cells under "
-                "`if __name__ == '__main__':` (workers re-import the main module), or run with jobs=1"
-            ) from None
-        finally:
-            if own:
-                pool.shutdown(cancel_futures=True)
+        else:
+            own = executor is None
+            pool = executor if executor is not None else _pool(min(jobs or default_jobs(), n))
+            try:
+                futures = {pool.submit(run_cell, cell): i for i, cell in enumerate(cells)}
+                for fut in as_completed(futures):
+                    rows[futures[fut]] = fut.result()
+                    done += 1
+                    if progress:
+                        progress(done, n)
+            except BrokenProcessPool:
+                raise LlamatierError(
+                    "a sweep worker process died before finishing its cell: in a script, call run_cells under "
+                    "`if __name__ == '__main__':` (workers re-import the main module), or run with jobs=1"
+                ) from None
+            finally:
+                if own:
+                    pool.shutdown(cancel_futures=True)
+    except KeyboardInterrupt:
+        raise SweepInterrupted([{"cell": i, **r} for i, r in enumerate(rows) if r is not None], n) from None
     return [{"cell": i, **r} for i, r in enumerate(rows) if r is not None]
 
 
@@ -170,12 +192,17 @@ def rows_frame(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
 
 
 def check_out_path(path: str | Path, flag: str = "--out") -> Path:
-    """A file we can write: not a directory, in an existing folder (checked before a long run)."""
-    p = Path(path)
-    if p.is_dir():
-        raise LlamatierError(f"{flag} {p} is a directory: give a file name such as {p / 'sweep.parquet'}")
-    if not p.parent.exists():
-        raise LlamatierError(f"cannot write {p}: folder {p.parent} does not exist (create it first)")
+    """A file we can write (checked before a long run); an existing file only if it is a sweep's own result."""
+    p = check_output_file(path, flag, "sweep.parquet")
+    if p.exists():
+        try:
+            columns = pl.read_parquet_schema(p)
+        except Exception:
+            columns = {}
+        if "cell" not in columns or "p99_s" not in columns:
+            raise LlamatierError(
+                f"{flag} {p} exists and is not a llamatier sweep result; give a new file name (or delete it)"
+            )
     return p
 
 
