@@ -95,6 +95,23 @@ def _trace_kv_types(trace: Trace) -> tuple[KVType, KVType]:
     return kv_type(c.get("type_k", "f16")), kv_type(c.get("type_v", "f16"))
 
 
+def _incomplete_note(trace: Trace) -> str:
+    """What an incomplete trace holds, and why it stopped (from its meta.json)."""
+    m, c = trace.meta, trace.context
+    why = (
+        "interrupted" if m.get("interrupted")
+        else f"stopped by an error: {m['error']}" if m.get("error")
+        else "the run stopped early, crashed or is still running"
+    )
+    held = int(trace.context_tokens[-1])
+    planned = int(c.get("n_prompt_tokens", 0) or 0) + int(c.get("n_predict", 0) or 0)
+    of = f" of {planned} planned" if planned > held else ""
+    note = f"trace is incomplete ({why}): replaying the {trace.n_steps} steps it holds ({held}{of} tokens)"
+    if not trace.is_decode.any():
+        note += "; it holds no decode step, so there is no per-token latency"
+    return note
+
+
 def prepare(trace: Trace, profile: Profile, options: ReplayOptions) -> ReplayContext:
     """Derive the shared replay arrays; LlamatierError on inputs that cannot be replayed."""
     if trace.n_steps == 0:
@@ -103,7 +120,7 @@ def prepare(trace: Trace, profile: Profile, options: ReplayOptions) -> ReplayCon
         trace = trace.with_block_tokens(int(options.block_tokens))
     notes: list[str] = []
     if not trace.complete:
-        notes.append("trace is incomplete (the run stopped early): replaying the steps it holds")
+        notes.append(_incomplete_note(trace))
     target = options.target or target_from_model_info(trace.model)
     if target.what_if:
         notes.append(
