@@ -115,6 +115,7 @@ def inspect_trace(trace: Trace) -> dict[str, Any]:
             "prefill": pre.height,
             "decode": dec.height,
             "prompt_tokens": int(c.get("n_prompt_tokens", pre["n_tokens"].sum() if pre.height else 0)),
+            "prefill_tokens": int(pre["n_tokens"].sum()) if pre.height else 0,
             "final_context_tokens": ctx_final,
             "prefill_s": float(pre["decode_s"].sum()) if pre.height else 0.0,
             "decode_tok_per_s": float(len(dec_s) / dec_s.sum()) if len(dec_s) and dec_s.sum() > 0 else 0.0,
@@ -144,8 +145,11 @@ def render_inspection(r: dict[str, Any], console: Any) -> None:
     t.add_row("layers", f"{m['layers']} ({len(m['swa_layers'])} sliding-window of {m['sliding_window']} tokens)" if m["swa_layers"] else str(m["layers"]))
     t.add_row("heads", f"{m['n_head']} query, {m['n_head_kv']} KV; head dim K {m['head_dim_k']} V {m['head_dim_v']}")
     t.add_row("context", f"n_ctx {c['n_ctx']}, batch {c['n_batch']}, threads {c['n_threads']}, K {c['type_k']} / V {c['type_v']}")
-    t.add_row("steps", f"{s['total']} ({s['prefill']} prefill over {s['prompt_tokens']} prompt tokens, {s['decode']} decode); final context {s['final_context_tokens']} tokens")
-    t.add_row("speed", f"prefill {s['prefill_s']:.2f} s; decode {s['decode_tok_per_s']:.1f} tok/s (p50 {s['decode_ms_p50']:.1f} ms, p99 {s['decode_ms_p99']:.1f} ms)")
+    prefilled = s.get("prefill_tokens", s["prompt_tokens"])
+    over = f"{prefilled} of {s['prompt_tokens']}" if prefilled < s["prompt_tokens"] else str(s["prompt_tokens"])
+    t.add_row("steps", f"{s['total']} ({s['prefill']} prefill over {over} prompt tokens, {s['decode']} decode); final context {s['final_context_tokens']} tokens")
+    decode = f"decode {s['decode_tok_per_s']:.1f} tok/s (p50 {s['decode_ms_p50']:.1f} ms, p99 {s['decode_ms_p99']:.1f} ms)" if s["decode"] else "no decode steps"
+    t.add_row("speed", f"prefill {s['prefill_s']:.2f} s; {decode}")
     t.add_row("KV bytes", f"{format_bytes(kv['bytes_per_token'])}/token; {format_bytes(kv['bytes_at_n_ctx'])} reserved at n_ctx; {format_bytes(kv['bytes_at_final_context'])} used")
     console.print(t)
     a = r["attention"]

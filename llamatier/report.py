@@ -114,9 +114,8 @@ def replay_renderables(s: dict[str, Any], *, quality_line: str | None = None) ->
     out.append(t)
     split = s["decode_time_split_s"]
     total = sum(split.values()) or 1.0
-    out.append(Text(
-        "decode time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items() if v > 0), style="dim"
-    ))
+    parts = ", ".join(f"{k} {v / total:.0%}" for k, v in split.items() if v > 0)
+    out.append(Text("decode time: " + (parts or "no decode steps"), style="dim"))
     tiers = Table(title="tiers")
     for col in ("tier", "KV budget", "peak occupancy", "read", "written", "KV energy"):
         tiers.add_column(col, justify="right" if col != "tier" else "left")
@@ -207,9 +206,9 @@ def compare_table(c: dict[str, Any]) -> Table:
             v = sum(_get(s, ("bytes_read", n)) or 0.0 for n in TIER_NAMES[1:]) if path is None else _get(s, path)
             cell = fmt(v) if _num(v) is not None else "-"
             if ratio_key and base and s["policy"] != base and s.get("vs_baseline"):
-                r = s["vs_baseline"].get(ratio_key)
-                if r is not None:
-                    cell += f" ({fmt_ratio(r)})"
+                ratio = fmt_ratio(s["vs_baseline"].get(ratio_key))
+                if ratio:
+                    cell += f" ({ratio})"
             cells.append(cell)
         t.add_row(label, *cells)
     return t
