@@ -13,7 +13,32 @@ from rich.markup import escape
 
 from llamatier.errors import LlamatierError
 
+try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (a value of the wrong type, an unknown option, a missing argument) as one line on stderr."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            if isinstance(exc, NoArgsIsHelpError):
+                raise
+            where = ctx.command_path
+            if exc.ctx is not None and exc.ctx is not ctx:
+                where = exc.ctx.command_path
+            elif ctx.invoked_subcommand:
+                where = f"{ctx.command_path} {ctx.invoked_subcommand}"
+            fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="llamatier",
     help="Trace real llama.cpp runs and replay their KV-cache reads through a four-tier memory model.",
     no_args_is_help=True,
