@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 
 from llamatier.errors import TraceFormatError
+from llamatier.kvtypes import KV_TYPES
 from llamatier.model import ModelInfo
 from llamatier.trace.format import (
     ATTN_SCHEMA,
@@ -139,6 +140,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for key in ("model", "context", "block_tokens"):
         if key not in meta:
             raise TraceFormatError(f"{mp} lacks '{key}': the trace metadata is truncated; re-record the trace")
+    bt = meta["block_tokens"]
+    if not isinstance(bt, int) or isinstance(bt, bool) or bt < 1:
+        raise TraceFormatError(f"{mp} has block_tokens {bt!r}, not a whole number >= 1: the metadata is corrupt; re-record the trace")
+    ctx = meta["context"]
+    if not isinstance(ctx, dict):
+        raise TraceFormatError(f"{mp} has a malformed 'context' entry; re-record the trace")
+    for key in ("type_k", "type_v"):
+        if key in ctx and str(ctx[key]).strip().lower() not in KV_TYPES:
+            raise TraceFormatError(
+                f"{mp} records context {key} {ctx[key]!r}, not a KV type this llamatier knows "
+                f"({', '.join(KV_TYPES)}): upgrade llamatier or re-record the trace"
+            )
     return meta
 
 
