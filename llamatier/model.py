@@ -133,8 +133,11 @@ def read_model_info(path: str | Path) -> ModelInfo:
         raise ModelLoadError(f"model file not found: {p} (give the path to a .gguf file)")
     if p.is_dir():
         raise ModelLoadError(f"{p} is a directory, not a GGUF model file (give the path to a .gguf file)")
-    with p.open("rb") as fh:
-        magic = fh.read(4)
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {p}: {exc.strerror or exc} (check its permissions)") from None
     if magic != GGUF_MAGIC:
         raise ModelLoadError(
             f"{p} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); convert the model "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class Trace:
 
 
 def _read_table(path: Path, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    if path.is_dir() or not os.access(path, os.R_OK):
+        what = "is a directory" if path.is_dir() else "is not readable (check its permissions)"
+        raise TraceFormatError(f"trace chunk {path} {what}; restore the file or re-record the trace")
     try:
         df = pl.read_parquet(path)
     except Exception as exc:
@@ -127,7 +131,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not mp.exists():
         raise TraceFormatError(f"{p} is not a llamatier trace: {META_FILE} is missing (record one with `llamatier trace`)")
     try:
-        meta = json.loads(mp.read_text())
+        text = mp.read_text()
+    except OSError as exc:
+        raise TraceFormatError(f"cannot read {mp}: {exc.strerror or exc} (check its permissions)") from None
+    try:
+        meta = json.loads(text)
     except Exception:
         raise TraceFormatError(f"{mp} is not valid JSON: the trace metadata is corrupt; re-record the trace") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
