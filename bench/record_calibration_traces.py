@@ -161,7 +161,7 @@ def run_one(spec: Spec, model: Path, prompt_file: Path, out_dir: Path, nice: int
     cmd = [str(exe), "trace", str(model), "--prompt-file", str(prompt_file), "--n-predict", str(N_PREDICT),
            "--ctx", str(spec.prompt_tokens + N_PREDICT + 64), "--batch", "512", "--threads", str(spec.threads),
            "--type-k", spec.type_k, "--type-v", "f16", "--block-tokens", str(BLOCK_TOKENS), "--seed", "1",
-           "--capture", spec.capture, "--out", str(out_dir), "--force"]
+           "--capture", spec.capture, "--out", str(out_dir)] + (["--force"] if out_dir.exists() else [])
     hz = os.sysconf("SC_CLK_TCK")
     log = out_dir.with_suffix(".log")
     samples = []  # (wall time, machine busy+steal jiffies, tracer jiffies)
