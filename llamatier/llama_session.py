@@ -1,13 +1,17 @@
-"""A thin, safe layer over llama-cpp-python's low-level API.
+"""A thin, safe layer over llama-cpp-python's low-level API, shared by the tracer and quality runs.
 
 Loads a model and a context with explicit settings (flash attention, swa_full,
-KV types, cb_eval), tokenizes, decodes batches and samples. llama.cpp's log
-goes to a ring buffer so that a failure can be reported as one line.
+KV types, cb_eval), tokenizes, decodes batches (logits for the last token, for
+every token, or for the first k: teacher forcing), reads logits and samples.
+llama.cpp's log goes to one ring buffer, installed by this module alone, so
+that a failure is reported as one line quoting llama.cpp's own reason and the
+terminal stays clean.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +22,19 @@ import numpy as np
 from llamatier.errors import LlamatierError, ModelLoadError
 from llamatier.kvtypes import KVType
 
-_LOG_LINES: deque[str] = deque(maxlen=200)
-_LOG_CB: Any = None
+_GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_LOG_LINES: deque[tuple[int, int, str]] = deque(maxlen=200)  # (sequence number, level, text)
+_LOG_SEQ = itertools.count()
+_LOG_CB: Any = None  # the CFUNCTYPE object must stay alive while llama.cpp holds it
 _BACKEND_READY = False
 
 
-def _install_logger() -> None:
+def _install_logger() -> int:
+    """Route llama.cpp's log into the ring buffer; returns a mark for :func:`last_log_error`.
+
+    Set again on every call (cheap): another library in the process (llama-cpp-python's
+    ``Llama`` class) may have put its own logger in place since.
+    """
     global _LOG_CB, _BACKEND_READY
     import llama_cpp
 
@@ -31,24 +42,39 @@ def _install_logger() -> None:
 
         def _log(level: int, text: bytes, _ud: Any) -> None:
             try:
-                _LOG_LINES.append(text.decode("utf-8", "replace").rstrip("\n"))
+                _LOG_LINES.append((next(_LOG_SEQ), int(level), text.decode("utf-8", "replace").rstrip("\n")))
             except Exception:
                 pass
 
         _LOG_CB = llama_cpp.llama_log_callback(_log)
-        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
     if not _BACKEND_READY:
         llama_cpp.llama_backend_init()
         _BACKEND_READY = True
+    return _log_mark()
 
 
-def last_log_error() -> str:
-    """The last llama.cpp log line that looks like an error (or the last line)."""
-    for line in reversed(_LOG_LINES):
-        low = line.lower()
-        if "error" in low or "failed" in low or "invalid" in low:
-            return line.strip()
-    return _LOG_LINES[-1].strip() if _LOG_LINES else ""
+def _log_mark() -> int:
+    """The sequence number the next llama.cpp log line will get."""
+    return _LOG_LINES[-1][0] + 1 if _LOG_LINES else 0
+
+
+def last_log_error(since: int = 0) -> str:
+    """The most telling llama.cpp log line logged at or after mark ``since``.
+
+    The last line that says "error", else the last error-level line, else the last
+    that says "failed" or "invalid", else the last line ("" when there is none).
+    """
+    lines = [(level, text.strip()) for seq, level, text in _LOG_LINES if seq >= since and text.strip()]
+    for wanted in (
+        lambda level, low: "error" in low,
+        lambda level, low: level == _GGML_LOG_LEVEL_ERROR,
+        lambda level, low: "failed" in low or "invalid" in low,
+    ):
+        for level, text in reversed(lines):
+            if wanted(level, text.lower()):
+                return text
+    return lines[-1][1] if lines else ""
 
 
 def system_info() -> str:
@@ -80,14 +106,14 @@ class LlamaModel:
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0) -> None:
         import llama_cpp
 
-        _install_logger()
+        mark = _install_logger()
         self.path = Path(path)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         mp.use_mmap = True
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if not ptr:
-            why = last_log_error()
+            why = last_log_error(mark)
             raise ModelLoadError(
                 f"llama.cpp could not load {self.path}: {why or 'unknown reason'} "
                 "(check that the GGUF is complete and its architecture is supported by llama-cpp-python "
@@ -95,19 +121,22 @@ class LlamaModel:
             )
         self.ptr = ptr
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``, with the model's BOS first when ``add_bos``."""
         import llama_cpp
 
         raw = text.encode("utf-8")
         n_max = len(raw) + 16
         buf = (llama_cpp.llama_token * n_max)()
         n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, False)
-        if n < 0:
+        if n < 0:  # buffer too small: -n is the count needed
             n_max = -n
             buf = (llama_cpp.llama_token * n_max)()
             n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, False)
+        if n < 0:
+            raise LlamatierError("llama.cpp could not tokenize the text; check that it is UTF-8 text")
         return list(buf[:n])
 
     def is_eog(self, token: int) -> bool:
@@ -158,20 +187,34 @@ class LlamaContext:
         if cb_eval is not None:
             cp.cb_eval = cb_eval
             cp.cb_eval_user_data = cb_user_data
+        mark = _install_logger()
         ctx = llama_cpp.llama_init_from_model(model.ptr, cp)
         if not ctx:
             raise LlamatierError(
                 f"llama.cpp could not create a context (n_ctx={settings.n_ctx}, type_k="
                 f"{settings.type_k.name if settings.type_k else 'f16'}, type_v="
                 f"{settings.type_v.name if settings.type_v else 'f16'}, flash_attn={settings.flash_attn}): "
-                f"{last_log_error() or 'unknown reason'}"
+                f"{last_log_error(mark) or 'unknown reason'}; try other KV types or a smaller --ctx"
             )
         self.ptr = ctx
         self.batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
         self._sampler = None
 
-    def decode(self, tokens: list[int] | np.ndarray, pos0: int, *, logits_last: bool = True, logits_all: bool = False) -> None:
-        """Run one llama_decode over ``tokens`` at positions pos0.. (one sequence)."""
+    def decode(
+        self,
+        tokens: list[int] | np.ndarray,
+        pos0: int,
+        *,
+        logits_last: bool = True,
+        logits_all: bool = False,
+        logits_first: int | None = None,
+    ) -> None:
+        """Run one llama_decode over ``tokens`` at positions pos0.. (one sequence).
+
+        Logits are kept for the last token (``logits_last``), for every token
+        (``logits_all``), or, when ``logits_first`` is given, for the first that many
+        tokens only (teacher forcing: every position but the text's final one).
+        """
         import llama_cpp
 
         n = len(tokens)
@@ -184,15 +227,19 @@ class LlamaContext:
             b.pos[i] = pos0 + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = 1 if (logits_all or (logits_last and i == n - 1)) else 0
+            if logits_first is not None:
+                b.logits[i] = 1 if i < logits_first else 0
+            else:
+                b.logits[i] = 1 if (logits_all or (logits_last and i == n - 1)) else 0
+        mark = _log_mark()
         rc = llama_cpp.llama_decode(self.ptr, b)
         # Wait for the compute to finish (and let llama.cpp settle its perf counters) so
         # that the caller's wall-clock time covers the whole step.
         llama_cpp.llama_synchronize(self.ptr)
         if rc != 0:
             raise LlamatierError(
-                f"llama_decode failed with code {rc} at position {pos0}: {last_log_error() or 'no detail'} "
-                "(the KV cache may be full: raise --ctx)"
+                f"llama_decode failed with code {rc} at position {pos0}: {last_log_error(mark) or 'no detail'} "
+                "(if the KV cache is full, raise --ctx)"
             )
 
     def logits(self, i: int = -1) -> np.ndarray:
@@ -201,6 +248,13 @@ class LlamaContext:
 
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def logits_rows(self, n_rows: int) -> np.ndarray:
+        """The last decode's first ``n_rows`` output rows, float32 (n_rows, n_vocab); a view valid until the next decode."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_vocab))
 
     def set_sampler(self, *, temperature: float, top_k: int, seed: int) -> None:
         import llama_cpp

@@ -30,13 +30,8 @@ import polars as pl
 
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KV_TYPES, KVType, kv_type, parse_kv_pair
+from llamatier.llama_session import ContextSettings, LlamaContext, LlamaModel
 from llamatier.model import KVGeometry, read_model_info
-from llamatier.quality._llama import (
-    LoadedModel,
-    TeacherForcedContext,
-    TokenBatch,
-    captured_llama_logs,
-)
 
 DEFAULT_TEXT_NAME = "quality_text.txt"
 REFERENCE_PAIR = ("f16", "f16")
@@ -310,64 +305,61 @@ def measure_quality(
         text, text_source = default_text(), text_source or f"built-in {DEFAULT_TEXT_NAME}"
     text_source = text_source or "given text"
 
-    with captured_llama_logs() as logs:
-        model = LoadedModel(model_path, logs)
-        contexts: list[TeacherForcedContext] = []
-        batch: TokenBatch | None = None
-        try:
-            tokens = model.tokenize(text)
-            if ctx is not None:
-                if ctx < 2:
-                    raise LlamatierError(f"--ctx must be at least 2 tokens, got {ctx}")
-                if info.n_ctx_train and ctx > info.n_ctx_train:
-                    raise LlamatierError(
-                        f"--ctx {ctx} exceeds the model's training context of {info.n_ctx_train} tokens"
-                    )
-                tokens = tokens[:ctx]
-            if tokens.size < 2:
+    model = LlamaModel(model_path)
+    contexts: list[LlamaContext] = []
+    try:
+        tokens = np.asarray(model.tokenize(text, add_bos=True), dtype=np.int32)
+        if ctx is not None:
+            if ctx < 2:
+                raise LlamatierError(f"--ctx must be at least 2 tokens, got {ctx}")
+            if info.n_ctx_train and ctx > info.n_ctx_train:
                 raise LlamatierError(
-                    f"the text gives {tokens.size} token(s); at least 2 are needed to score a prediction"
+                    f"--ctx {ctx} exceeds the model's training context of {info.n_ctx_train} tokens"
                 )
-            n_tokens = int(tokens.size)
-            n_positions = n_tokens - 1
-            batch_tokens = min(batch_tokens, n_tokens)
-            kw = dict(n_ctx=n_tokens, batch_tokens=batch_tokens, n_threads=n_threads, logs=logs)
-            contexts.append(TeacherForcedContext(model, type_k=f16, type_v=f16, flash_attn=ref_fa, **kw))
-            for pk, pv in pairs:
-                contexts.append(
-                    TeacherForcedContext(model, type_k=pk, type_v=pv, flash_attn=flash_attn, **kw)
-                )
-            stats = [_PairStats(n_positions) for _ in pairs]
-            ref_decode_s = 0.0
-            nll_ref = np.zeros(n_positions, dtype=np.float64)
-            targets_all = tokens[1:].astype(np.int64)
-            batch = TokenBatch(batch_tokens)
-            for pos0 in range(0, n_tokens, batch_tokens):
-                chunk = tokens[pos0 : pos0 + batch_tokens]
-                n_out = batch.fill(chunk, pos0, n_tokens)
+            tokens = tokens[:ctx]
+        if tokens.size < 2:
+            raise LlamatierError(
+                f"the text gives {tokens.size} token(s); at least 2 are needed to score a prediction"
+            )
+        n_tokens = int(tokens.size)
+        n_positions = n_tokens - 1
+        batch_tokens = min(batch_tokens, n_tokens)
+
+        def settings(type_k: KVType, type_v: KVType, fa: bool) -> ContextSettings:
+            return ContextSettings(n_ctx=n_tokens, n_batch=batch_tokens, n_ubatch=batch_tokens,
+                                   n_threads=n_threads, type_k=type_k, type_v=type_v, flash_attn=fa)
+
+        contexts.append(LlamaContext(model, settings(f16, f16, ref_fa)))
+        for pk, pv in pairs:
+            contexts.append(LlamaContext(model, settings(pk, pv, flash_attn)))
+        stats = [_PairStats(n_positions) for _ in pairs]
+        ref_decode_s = 0.0
+        nll_ref = np.zeros(n_positions, dtype=np.float64)
+        targets_all = tokens[1:].astype(np.int64)
+        for pos0 in range(0, n_tokens, batch_tokens):
+            chunk = tokens[pos0 : pos0 + batch_tokens]
+            n_out = max(0, min(len(chunk), n_positions - pos0))  # the text's last token predicts nothing we score
+            t0 = time.perf_counter()
+            contexts[0].decode(chunk, pos0, logits_first=n_out)
+            ref_decode_s += time.perf_counter() - t0
+            for c, st in zip(contexts[1:], stats, strict=True):
                 t0 = time.perf_counter()
-                contexts[0].decode(batch.batch)
-                ref_decode_s += time.perf_counter() - t0
-                for c, st in zip(contexts[1:], stats, strict=True):
-                    t0 = time.perf_counter()
-                    c.decode(batch.batch)
-                    st.decode_s += time.perf_counter() - t0
-                if n_out:
-                    _reduce_batch(
-                        contexts[0].logits(n_out),
-                        [(c.logits(n_out), st) for c, st in zip(contexts[1:], stats, strict=True)],
-                        targets_all[pos0 : pos0 + n_out],
-                        pos0,
-                        nll_ref,
-                    )
-                if progress is not None:
-                    progress(min(n_tokens, pos0 + batch_tokens), n_tokens)
-        finally:
-            if batch is not None:
-                batch.close()
-            for c in contexts:
-                c.close()
-            model.close()
+                c.decode(chunk, pos0, logits_first=n_out)
+                st.decode_s += time.perf_counter() - t0
+            if n_out:
+                _reduce_batch(
+                    contexts[0].logits_rows(n_out),
+                    [(c.logits_rows(n_out), st) for c, st in zip(contexts[1:], stats, strict=True)],
+                    targets_all[pos0 : pos0 + n_out],
+                    pos0,
+                    nll_ref,
+                )
+            if progress is not None:
+                progress(min(n_tokens, pos0 + batch_tokens), n_tokens)
+    finally:
+        for c in contexts:
+            c.close()
+        model.close()
 
     rows = tuple(
         _summarise(pk, pv, st, nll_ref, info.geometry) for (pk, pv), st in zip(pairs, stats, strict=True)
