@@ -51,22 +51,22 @@ class Spec:
     capture: str = "c"
 
 
-PLAN = [
+PLAN = [  # fit and held-out traces alternate, so that slow drift of the machine's speed hits both alike
     Spec("fit-00", "fit", "prose", 256, "f16", 2),
-    Spec("fit-01", "fit", "prose", 1024, "q8_0", 2),
-    Spec("fit-02", "fit", "notes", 2048, "f16", 1),
-    Spec("fit-03", "fit", "notes", 4096, "q8_0", 1),
-    Spec("fit-04", "fit", "code", 4096, "f16", 2),
-    Spec("fit-05", "fit", "code", 512, "q8_0", 1),
-    Spec("fit-06", "fit", "prose", 3072, "f16", 1),
-    Spec("fit-07", "fit", "notes", 1536, "q8_0", 2),
     Spec("heldout-00", "heldout", "mixed", 384, "f16", 1),
+    Spec("fit-01", "fit", "prose", 1024, "q8_0", 2),
     Spec("heldout-01", "heldout", "mixed", 2560, "q8_0", 2),
+    Spec("fit-02", "fit", "notes", 2048, "f16", 1),
     Spec("heldout-02", "heldout", "story", 768, "q8_0", 1),
+    Spec("fit-03", "fit", "notes", 4096, "q8_0", 1),
     Spec("heldout-03", "heldout", "story", 4600, "f16", 2),
+    Spec("fit-04", "fit", "code", 4096, "f16", 2),
     Spec("heldout-04", "heldout", "mixed", 1280, "f16", 2),
+    Spec("fit-05", "fit", "code", 512, "q8_0", 1),
     Spec("heldout-05", "heldout", "story", 3584, "q8_0", 1),
+    Spec("fit-06", "fit", "prose", 3072, "f16", 1),
     Spec("overhead-on", "overhead", "prose", 1024, "f16", 2, "c"),
+    Spec("fit-07", "fit", "notes", 1536, "q8_0", 2),
     Spec("overhead-off", "overhead", "prose", 1024, "f16", 2, "off"),
 ]
 
