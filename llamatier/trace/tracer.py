@@ -262,7 +262,17 @@ def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sys
             if progress:
                 progress("decode", pos, total)
     except KeyboardInterrupt:
-        writer.close(complete=False, interrupted=True)
+        # One Ctrl-C can raise twice: polars checks signals inside write_parquet and raises
+        # there, and Python raises the same SIGINT again at the next call it makes (seen in 1
+        # to 3 runs in 10 interrupted during a chunk write). No call before the try: the trace
+        # is always closed and marked interrupted.
+        closed = False
+        while not closed:
+            try:
+                writer.close(complete=False, interrupted=True)
+                closed = True
+            except KeyboardInterrupt:
+                pass
         raise TraceInterrupted(
             f"interrupted after {writer.n_steps} steps; the trace in {cfg.out_dir} keeps every completed "
             "step and is marked incomplete"
