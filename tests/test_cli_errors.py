@@ -406,3 +406,15 @@ def test_ctrl_c_during_a_parallel_sweep(tmp_path):
         assert 0 < n < 960 and f"the {n} finished rows are in {out}" in err
     else:
         assert "no cell had finished" in err
+
+
+def test_ctrl_c_elsewhere_is_one_line_with_exit_130(tiny_model_hd32, monkeypatch):
+    import llamatier.quality as quality
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality, "measure_quality", interrupted)
+    proc = cli("quality", str(tiny_model_hd32), "-k", "f16")
+    assert proc.returncode == 130
+    assert_one_line_error(proc, "interrupted", "run it again")
