@@ -68,7 +68,10 @@ def cli_errors(fn: F) -> F:
         except LlamatierError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            err_console.print("interrupted (Ctrl-C) before the command finished: run it again to complete it", highlight=False)
+            err_console.print(
+                "interrupted (Ctrl-C) before the command finished: run it again to complete it",
+                highlight=False, soft_wrap=True,
+            )
             raise typer.Exit(130) from None
         except MemoryError:
             fail("out of memory: use a smaller trace, fewer steps or a coarser --block-tokens", 3)
