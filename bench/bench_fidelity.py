@@ -8,6 +8,11 @@ much the attention capture itself adds to measured step times.
 
     python bench/bench_fidelity.py [--calib-dir traces/calib] [--record] [--json OUT]
 
+--repeat N (default 6) also traces one configuration N times back to back
+(1,024-token prompt, f16, 2 threads, 64 decode steps) and reports how much the
+median decode time of identical runs varies: no model can predict a single run
+better than that.
+
 --record re-records the trace set first (bench/record_calibration_traces.py,
 minutes; it waits for the machine to be quiet). Without it the committed traces
 are used, so the figure is that of the machine that recorded them.
@@ -26,11 +31,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def repeatability(n: int, calib: Path) -> dict:
+    """Median decode time of ``n`` identical traced runs, each its own process, back to back."""
+    import tempfile
+
+    import numpy as np
+
+    from llamatier.trace import load_trace
+    from llamatier.workloads import demo_model_path
+
+    exe = Path(sys.executable).with_name("llamatier")
+    medians = []
+    with tempfile.TemporaryDirectory() as td:
+        for i in range(n):
+            out = Path(td) / f"r{i}"
+            subprocess.run(
+                [str(exe), "trace", str(demo_model_path()), "--prompt-file", str(calib / "prompts" / "prose-1024.txt"),
+                 "--n-predict", "64", "--ctx", "1152", "--batch", "512", "--threads", "2", "--type-k", "f16",
+                 "--type-v", "f16", "--block-tokens", "64", "--seed", "1", "--out", str(out)],
+                check=True, capture_output=True,
+            )
+            s = load_trace(out).steps
+            dec = s.filter(s["phase"] == "decode")["decode_s"].to_numpy()[1:]
+            medians.append(float(np.median(dec)))
+    m = np.array(medians)
+    return {
+        "runs": n,
+        "config": "prose-1024 prompt, K/V f16, 2 threads, 64 decode steps",
+        "median_decode_s": medians,
+        "spread_max_over_min": float(m.max() / m.min() - 1),
+        "cv": float(m.std() / m.mean()),
+        "median_abs_dev_from_mean": float(np.median(np.abs(m / m.mean() - 1))),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib-dir", type=Path, default=ROOT / "traces" / "calib")
     ap.add_argument("--record", action="store_true", help="re-record the trace set first")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--repeat", type=int, default=6, help="identical runs for the repeatability figure (0: skip)")
     ap.add_argument("--profile-out", type=Path, default=None,
                     help="where to write the calibrated profile (default: CALIB_DIR/cpu-host-calibrated.toml)")
     a = ap.parse_args(argv)
@@ -69,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             "capture_on_over_off_decode_time": r_on.phases["decode"].measured_s / r_off.phases["decode"].measured_s,
         }
     foreign = {n: e.get("foreign_cpu") for n, e in sorted(entries.items())}
+    repeat = repeatability(a.repeat, calib) if a.repeat > 0 else {}
     result = {
         "bench": "fidelity",
         "date": time.strftime("%Y-%m-%d"),
@@ -90,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_goal": rep.meets_goal,
         "goal": "held-out decode median <= 3%, p95 <= 10%",
         "capture_overhead": overhead,
+        "repeatability": repeat,
         "foreign_cpu_during_recording": foreign,
         "profile": str(out),
     }

@@ -68,6 +68,11 @@ def rows_fidelity(r: dict) -> list[tuple[str, str, str]]:
         (f"fidelity: fit residual decode median ({r['fit_steps']} steps kept, {r['fit_dropped_steps']} dropped)",
          _pct(r["fit_residuals"]["decode"]["median_ape"]), ""),
     ]
+    rep = r.get("repeatability") or {}
+    if rep:
+        out.append((f"fidelity: identical runs, spread of median decode time ({rep['runs']} runs, max/min - 1)",
+                    _pct(rep["spread_max_over_min"]), ""))
+        out.append(("fidelity: identical runs, std / mean of median decode time", _pct(rep["cv"]), ""))
     ov = r.get("capture_overhead") or {}
     if ov:
         out.append(("fidelity: capture-on / capture-off decode time (same run config)",
