@@ -192,3 +192,26 @@ def test_calibrate_errors_are_one_line(two_tiny_traces, tmp_path):
     assert_one_line_error(proc, "does not exist")
     proc = run_cli("calibrate", str(two_tiny_traces[0]), "--out", str(tmp_path / "x.toml"), "--base", "z80")
     assert_one_line_error(proc, "unknown profile 'z80'")
+
+
+def test_committed_calibration_set_fits_and_validates():
+    """The committed Gemma trace set and calibrated profile load, and held-out traces are really held out."""
+    from llamatier.calibrate import calibrate_profile
+    from llamatier.validate import validate_profile
+
+    calib = Path(__file__).resolve().parents[1] / "traces" / "calib"
+    manifest = json.loads((calib / "manifest.json").read_text())["traces"]
+    fit = sorted(calib / n for n, e in manifest.items() if e["split"] == "fit")
+    held = sorted(calib / n for n, e in manifest.items() if e["split"] == "heldout")
+    assert len(fit) >= 8 and len(held) >= 6
+    assert {e["type_k"] for e in manifest.values()} >= {"f16", "q8_0"}
+    assert {e["threads"] for e in manifest.values()} == {1, 2}
+    assert max(e["prompt_tokens"] for e in manifest.values()) >= 4096
+    committed = load_profile(str(calib / "cpu-host-calibrated.toml"))
+    assert {Path(t).name for t in committed.compute.host_model.traces} == {p.name for p in fit}
+    profile, result = calibrate_profile([str(p) for p in fit])
+    assert result.kv_pad_match == 1.0  # llama.cpp's padding rule explains every captured n_kv
+    np.testing.assert_allclose(profile.compute.host_model.serial_s, committed.compute.host_model.serial_s, rtol=1e-6)
+    rep = validate_profile(profile, [str(p) for p in held])
+    assert rep.overlap == () and rep.phases["decode"].n_steps == 64 * len(held)
+    assert np.isfinite(rep.phases["decode"].median_ape) and np.isfinite(rep.decode_noise_floor.p95_ape)
