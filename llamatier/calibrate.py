@@ -310,7 +310,7 @@ def fit_host_model(
         fit_p95_ape=stats["all"]["p95_ape"],
         traces=tuple(data.trace_names),
         notes=(
-            f"fitted {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}: "
+            f"fitted {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}: "
             f"{int(warm.sum())} warm-up and {int((candidates & ~keep).sum())} outlier steps dropped; "
             f"relative least squares, non-negative, {it} iterations"
         ),
@@ -354,7 +354,7 @@ def write_calibrated_profile(profile: Profile, path: str | Path, *, base_source:
     hm = profile.compute.host_model
     header = (
         f"Calibrated host profile written by `llamatier calibrate` "
-        f"({_dt.datetime.now(_dt.timezone.utc).date().isoformat()}).\n"
+        f"({_dt.datetime.now(_dt.UTC).date().isoformat()}).\n"
         f"Tiers, links and compute rates are copied from the base profile {base_source or profile.source}:\n"
         "see that file for the source of every number.\n"
         "[compute.host_model] is fitted from measured llama_decode times of the traces it lists: "

@@ -136,11 +136,27 @@ def validate_profile(
 
     ``skip_warmup_steps`` leaves out each trace's first steps (default 0: every step counts).
     """
+    if skip_warmup_steps < 0:
+        raise LlamatierError(f"--skip-warmup must be >= 0 steps (got {skip_warmup_steps})")
     prof = load_profile(profile) if isinstance(profile, str | Path) else profile
     traces = [load_trace(p) for p in trace_paths]
+    hm = prof.compute.host_model
+    if hm is not None:
+        for p, tr in zip(trace_paths, traces, strict=True):
+            if hm.model_name and tr.model.name != hm.model_name:
+                raise LlamatierError(
+                    f"{prof.name}'s host model was fitted on {hm.model_name}, but trace {p} is of "
+                    f"{tr.model.name}: a host model predicts the model it was fitted on (calibrate on "
+                    "traces of this model)"
+                )
     data = steps_from_traces(traces)
     predicted = predict_steps(prof, data)
     keep = data.step >= skip_warmup_steps
+    if not keep.any():
+        raise LlamatierError(
+            f"--skip-warmup {skip_warmup_steps} leaves no step to validate (the longest trace has "
+            f"{int(data.step.max()) + 1 if len(data.step) else 0} steps); use a smaller value"
+        )
     oracle = noise_floor_predictions(data, prof.compute.host_model.kv_pad_cells)  # type: ignore[union-attr]
     dkeep = keep & data.is_decode
     phases = {}

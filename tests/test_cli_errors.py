@@ -418,3 +418,30 @@ def test_ctrl_c_elsewhere_is_one_line_with_exit_130(tiny_model_hd32, monkeypatch
     proc = cli("quality", str(tiny_model_hd32), "-k", "f16")
     assert proc.returncode == 130
     assert_one_line_error(proc, "interrupted", "run it again")
+
+
+CALIB = REPO / "traces" / "calib"
+CALIB_PROBLEMS = [
+    (["validate", "--profile", str(CALIB / "cpu-host-calibrated.toml"), "{tiny}"], ["fitted on", "calibrate"]),
+    (["validate", "--profile", str(CALIB / "cpu-host-calibrated.toml"), str(CALIB / "heldout-00"),
+      "--skip-warmup", "1000"], ["--skip-warmup 1000", "no step"]),
+    (["validate", "--profile", str(CALIB / "cpu-host-calibrated.toml"), str(CALIB / "heldout-00"),
+      "--skip-warmup", "-5"], ["--skip-warmup", ">= 0"]),
+    (["calibrate", str(CALIB / "fit-00"), str(CALIB / "fit-01"), "--out", "{file}/x.toml"], ["is a file"]),
+    (["calibrate", str(CALIB / "fit-00"), "--out", "{tmp}/x.toml", "--outlier-sigmas", "-1"], ["--outlier-sigmas"]),
+    (["calibrate", str(CALIB / "fit-00"), "--out", "{tmp}/x.toml", "--warmup-steps", "-1"], ["--warmup-steps"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), CALIB_PROBLEMS, ids=[a[0] + " " + a[-1] for a, _ in CALIB_PROBLEMS])
+def test_calibrate_and_validate_bad_input(tiny_trace_dir, tmp_path, args, needles):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    subst = {"{tiny}": str(tiny_trace_dir), "{file}": str(f), "{tmp}": str(tmp_path)}
+    real = []
+    for a in args:
+        for k, v in subst.items():
+            a = a.replace(k, v)
+        real.append(a)
+    assert_one_line_error(cli(*real), *needles)
+    assert not (tmp_path / "x.toml").exists()

@@ -144,3 +144,15 @@ def test_interrupted_trace_loads_incomplete_with_completed_chunks(tiny_model: Pa
     np.testing.assert_allclose(tr.mass.sum(axis=2), 1.0, atol=1e-4)
     p = run_cli("inspect", str(out))
     assert p.returncode == 0 and "INCOMPLETE" in p.stdout
+
+
+def test_force_into_a_new_directory_and_over_an_old_trace(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "sub"
+    p = run_cli("trace", str(tiny_model), "--prompt", "hello", "-n", "2", "--ctx", "64", "--force", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    p = run_cli("trace", str(tiny_model), "--prompt", "hello again", "-n", "3", "--ctx", "64", "--force", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert keep.read_text() == "mine"  # --force replaces the trace, nothing else
+    assert load_trace(out).steps["phase"].to_list().count("decode") == 3

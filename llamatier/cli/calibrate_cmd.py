@@ -32,7 +32,7 @@ def _pct(v: float) -> str:
     return "-" if v != v else f"{v:.2%}"  # NaN -> "-"
 
 
-def _print_fit(fit: CalibrationFit) -> None:
+def _print_fit(fit: CalibrationFit, outlier_sigmas: float = 4.0) -> None:
     hm = fit.model
     table = Table(title=f"host step-time model for {hm.model_name}: t = sum x * (serial + parallel / threads)")
     for col in ("term", "x counts", "serial", "parallel (1 thread)"):
@@ -55,7 +55,7 @@ def _print_fit(fit: CalibrationFit) -> None:
         f"reproduces {fit.kv_pad_match:.0%} of the captured n_kv values")
     console.print(
         f"steps: {fit.data.n} in {len(fit.data.trace_names)} traces; dropped {int(fit.warmup.sum())} warm-up and "
-        f"{int(fit.outliers.sum())} outliers (> 4 robust sigmas); {fit.iterations} fit iterations. "
+        f"{int(fit.outliers.sum())} outliers (> {outlier_sigmas:g} robust sigmas); {fit.iterations} fit iterations. "
         f"KV padding {hm.kv_pad_cells} cells: {pad_note}. Threads seen: "
         f"{', '.join(map(str, hm.thread_counts))}; K types: {', '.join(hm.k_types)}; V types: {', '.join(hm.v_types)}.",
         highlight=False,
@@ -74,6 +74,14 @@ def calibrate(
     json_out: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
 ) -> None:
     """Fit the host compute model from measured step times and write a calibrated profile."""
+    from llamatier.errors import LlamatierError
+    from llamatier.outpaths import check_output_file
+
+    if outlier_sigmas <= 0:
+        raise LlamatierError(f"--outlier-sigmas must be > 0 (got {outlier_sigmas})")
+    if warmup_steps < 0:
+        raise LlamatierError(f"--warmup-steps must be >= 0 (got {warmup_steps})")
+    check_output_file(out, "--out", "host.toml")  # before the fit, not after it
     base_profile = load_profile(base)
     profile, fit = calibrate_profile(
         traces, base=base, name=name or None, warmup_steps=warmup_steps, outlier_sigmas=outlier_sigmas
@@ -84,7 +92,7 @@ def calibrate(
                     "warmup_steps_dropped": int(fit.warmup.sum()), "outliers_dropped": int(fit.outliers.sum()),
                     "kv_pad_match": fit.kv_pad_match})
         return
-    _print_fit(fit)
+    _print_fit(fit, outlier_sigmas)
     console.print(f"wrote {path} (validate it on other traces: llamatier validate --profile {path} TRACE...)",
                   highlight=False)
 

@@ -25,7 +25,7 @@ from llamatier.trace.format import (
 
 
 def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -79,9 +79,14 @@ class TraceWriter:
         overwrite: bool = False,
     ) -> None:
         self.out = check_out_dir(out_dir, overwrite=overwrite)
-        if overwrite:
+        if overwrite and self.out.is_dir():
+            # remove only what a trace consists of; anything else in the directory stays
             for f in self.out.iterdir():
-                if f.is_file() and (f.suffix in (".parquet", ".json", ".tmp")):
+                if f.is_file() and (
+                    f.name == META_FILE
+                    or f.name.endswith(".tmp")
+                    or (f.suffix == ".parquet" and f.name.split("-")[0] in ("steps", "attn", "positions"))
+                ):
                     f.unlink()
         make_output_dir(self.out, "--out")
         if chunk_steps < 1:
