@@ -263,7 +263,7 @@ def main() -> None:
             **asdict(spec),
             **(best or {}),
             "accepted": bool(best and not best["foreign_cpu"] > _allowed(spec, args.max_foreign)),
-            "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         manifest.update(n_predict=N_PREDICT, block_tokens=BLOCK_TOKENS, model=str(model.name),
                         max_foreign=args.max_foreign)
