@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -95,32 +95,47 @@ def _write_reports(what: Any, *, plot: Path | None, timeline: Path | None) -> No
         write_timeline(what, timeline)
 
 
-# Shared option declarations (typer needs them per command).
-def _opt_profile() -> Any:
-    return typer.Option("a100-40g", "--profile", help=PROFILE_HELP)
+# Shared option declarations: one Annotated alias per option, used by replay and compare.
+TraceArg = Annotated[Path, typer.Argument(metavar="TRACE", help="Trace directory written by `llamatier trace`.")]
+ProfileOpt = Annotated[str, typer.Option("--profile", help=PROFILE_HELP)]
+HbmBudgetOpt = Annotated[str | None, typer.Option("--hbm-budget", help="KV bytes allowed in HBM, e.g. 2GiB (default: HBM minus weights).")]
+DramBudgetOpt = Annotated[str | None, typer.Option("--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity).")]
+KvTypeOpt = Annotated[str | None, typer.Option("--kv-type", help="Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0).")]
+GeometryOpt = Annotated[str | None, typer.Option("--geometry", help=GEOMETRY_HELP)]
+BlockTokensOpt = Annotated[int | None, typer.Option("--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's).")]
+ModeOpt = Annotated[str, typer.Option("--mode", help="lossless (every visible block read) or sparse (--block-budget).")]
+BlockBudgetOpt = Annotated[int | None, typer.Option("--block-budget", help="Sparse mode: blocks read per layer per decode step.")]
+StaticModeOpt = Annotated[str, typer.Option("--static-mode", help="static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split).")]
+DramReadsOpt = Annotated[str, typer.Option("--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer.")]
+PrefetchOpt = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time during compute.")]
+SwaFullOpt = Annotated[bool, typer.Option("--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full).")]
+QualityOpt = Annotated[Path | None, typer.Option("--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (SI units).")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Draw per-step latency and tier occupancy to FILE.png or FILE.svg.")]
+TimelineOpt = Annotated[Path | None, typer.Option("--timeline", help="Write the run(s) as Chrome/Perfetto trace-event JSON (ui.perfetto.dev).")]
 
 
 @app.command()
 @cli_errors
 def replay(
-    trace: Path = typer.Argument(..., help="Trace directory written by `llamatier trace`."),
+    trace: TraceArg,
     policy: str = typer.Option("adaptive", "--policy", "-p", help="Placement policy: static, lru, adaptive, oracle."),
-    profile: str = _opt_profile(),
-    hbm_budget: str = typer.Option(None, "--hbm-budget", help="KV bytes allowed in HBM, e.g. 2GiB (default: HBM minus weights)."),
-    dram_budget: str = typer.Option(None, "--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity)."),
-    kv_type: str = typer.Option(None, "--kv-type", help="Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0)."),
-    geometry: str = typer.Option(None, "--geometry", help=GEOMETRY_HELP),
-    block_tokens: int = typer.Option(None, "--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's)."),
-    mode: str = typer.Option("lossless", "--mode", help="lossless (every visible block read) or sparse (--block-budget)."),
-    block_budget: int = typer.Option(None, "--block-budget", help="Sparse mode: blocks read per layer per decode step."),
-    static_mode: str = typer.Option("nkvo", "--static-mode", help="static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split)."),
-    dram_reads: str = typer.Option("auto", "--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer."),
-    prefetch: bool = typer.Option(False, "--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time during compute."),
-    swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
-    quality: Path = typer.Option(None, "--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (SI units)."),
-    plot: Path = typer.Option(None, "--plot", help="Draw per-step latency and tier occupancy to FILE.png or FILE.svg."),
-    timeline: Path = typer.Option(None, "--timeline", help="Write the run as Chrome/Perfetto trace-event JSON (ui.perfetto.dev)."),
+    profile: ProfileOpt = "a100-40g",
+    hbm_budget: HbmBudgetOpt = None,
+    dram_budget: DramBudgetOpt = None,
+    kv_type: KvTypeOpt = None,
+    geometry: GeometryOpt = None,
+    block_tokens: BlockTokensOpt = None,
+    mode: ModeOpt = "lossless",
+    block_budget: BlockBudgetOpt = None,
+    static_mode: StaticModeOpt = "nkvo",
+    dram_reads: DramReadsOpt = "auto",
+    prefetch: PrefetchOpt = False,
+    swa_full: SwaFullOpt = False,
+    quality: QualityOpt = None,
+    json_out: JsonOpt = False,
+    plot: PlotOpt = None,
+    timeline: TimelineOpt = None,
 ) -> None:
     """Replay a trace under one placement policy and report latency, bytes, tiers and energy."""
     from llamatier import report
@@ -147,24 +162,24 @@ def replay(
 @app.command()
 @cli_errors
 def compare(
-    trace: Path = typer.Argument(..., help="Trace directory written by `llamatier trace`."),
+    trace: TraceArg,
     policies: str = typer.Option("static,lru,adaptive,oracle", "--policies", help="Comma-separated policies to compare."),
-    profile: str = _opt_profile(),
-    hbm_budget: str = typer.Option(None, "--hbm-budget", help="KV bytes allowed in HBM, e.g. 2GiB (default: HBM minus weights)."),
-    dram_budget: str = typer.Option(None, "--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity)."),
-    kv_type: str = typer.Option(None, "--kv-type", help="Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0)."),
-    geometry: str = typer.Option(None, "--geometry", help=GEOMETRY_HELP),
-    block_tokens: int = typer.Option(None, "--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's)."),
-    mode: str = typer.Option("lossless", "--mode", help="lossless (every visible block read) or sparse (--block-budget)."),
-    block_budget: int = typer.Option(None, "--block-budget", help="Sparse mode: blocks read per layer per decode step."),
-    static_mode: str = typer.Option("nkvo", "--static-mode", help="static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split)."),
-    dram_reads: str = typer.Option("auto", "--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer."),
-    prefetch: bool = typer.Option(False, "--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time during compute."),
-    swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
-    quality: Path = typer.Option(None, "--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving."),
-    json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON (SI units)."),
-    plot: Path = typer.Option(None, "--plot", help="Draw per-step latency and tier occupancy to FILE.png or FILE.svg."),
-    timeline: Path = typer.Option(None, "--timeline", help="Write the runs as Chrome/Perfetto trace-event JSON (ui.perfetto.dev)."),
+    profile: ProfileOpt = "a100-40g",
+    hbm_budget: HbmBudgetOpt = None,
+    dram_budget: DramBudgetOpt = None,
+    kv_type: KvTypeOpt = None,
+    geometry: GeometryOpt = None,
+    block_tokens: BlockTokensOpt = None,
+    mode: ModeOpt = "lossless",
+    block_budget: BlockBudgetOpt = None,
+    static_mode: StaticModeOpt = "nkvo",
+    dram_reads: DramReadsOpt = "auto",
+    prefetch: PrefetchOpt = False,
+    swa_full: SwaFullOpt = False,
+    quality: QualityOpt = None,
+    json_out: JsonOpt = False,
+    plot: PlotOpt = None,
+    timeline: TimelineOpt = None,
 ) -> None:
     """Compare placement policies side by side on one trace, with ratios against llama.cpp's static placement."""
     from llamatier import report
