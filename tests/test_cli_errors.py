@@ -445,3 +445,19 @@ def test_calibrate_and_validate_bad_input(tiny_trace_dir, tmp_path, args, needle
         real.append(a)
     assert_one_line_error(cli(*real), *needles)
     assert not (tmp_path / "x.toml").exists()
+
+
+def test_sweep_never_replaces_an_earlier_result_without_force(tiny_trace_dir, tmp_path):
+    out = tmp_path / "s.parquet"
+    first = cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "static", "--hbm-budget", "50%",
+                "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes()
+    again = cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "lru", "--hbm-budget", "50%",
+                "--out", str(out))
+    assert_one_line_error(again, "already holds a sweep result", "--force")
+    assert out.read_bytes() == before
+    forced = cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "lru", "--hbm-budget", "50%",
+                 "--out", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert pl.read_parquet(out)["policy"].to_list() == ["lru"]

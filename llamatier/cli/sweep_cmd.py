@@ -37,6 +37,7 @@ def sweep(
     out: Path = typer.Option(Path("sweep.parquet"), "--out", "-o", help="Parquet file for the rows (one per cell)."),
     plot: Path = typer.Option(None, "--plot", help="Also draw p99 latency vs HBM budget to FILE.png or FILE.svg."),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of tables."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing sweep result at --out."),
 ) -> None:
     """Replay every combination of profile, KV type, policy and HBM budget; write one Parquet row per cell."""
     from rich.progress import (
@@ -60,7 +61,7 @@ def sweep(
     )
     from llamatier.units import parse_size_bytes
 
-    check_out_path(out)
+    check_out_path(out, overwrite=force)
     check_jobs(jobs)
     if plot is not None:
         from llamatier.plots import check_plot_path

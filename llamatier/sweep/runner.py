@@ -191,8 +191,9 @@ def rows_frame(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
     ) if rows else pl.DataFrame(schema=ROW_SCHEMA)
 
 
-def check_out_path(path: str | Path, flag: str = "--out") -> Path:
-    """A file we can write (checked before a long run); an existing file only if it is a sweep's own result."""
+def check_out_path(path: str | Path, flag: str = "--out", *, overwrite: bool = True) -> Path:
+    """A file we can write (checked before a long run); an existing file only if it is a sweep's own result,
+    and only with ``overwrite`` (the CLI's --force), so that an earlier sweep is never lost by accident."""
     p = check_output_file(path, flag, "sweep.parquet")
     if p.exists():
         try:
@@ -202,6 +203,10 @@ def check_out_path(path: str | Path, flag: str = "--out") -> Path:
         if "cell" not in columns or "p99_s" not in columns:
             raise LlamatierError(
                 f"{flag} {p} exists and is not a llamatier sweep result; give a new file name (or delete it)"
+            )
+        if not overwrite:
+            raise LlamatierError(
+                f"{flag} {p} already holds a sweep result; give another {flag} or pass --force to replace it"
             )
     return p
 
