@@ -167,23 +167,15 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> Profil
 
     tiers_raw = _table(data, "tiers", err)
     tiers: dict[str, Tier] = {}
-    for extra in tiers_raw:
-        if extra not in TIER_NAMES:
-            raise err(f"tiers.{extra}", f"unknown tier; the tiers are {', '.join(TIER_NAMES)}")
+    _require_exactly(tiers_raw, "tiers", "tier", TIER_NAMES, err)
     for tname in TIER_NAMES:
-        if tname not in tiers_raw:
-            raise err(f"tiers.{tname}", f"missing tier; a profile needs all of {', '.join(TIER_NAMES)}")
         values = _section(tiers_raw[tname], f"tiers.{tname}", TIER_FIELDS, err)
         tiers[tname] = Tier(name=tname, **values)
 
     links_raw = _table(data, "links", err)
     links: dict[str, Link] = {}
-    for extra in links_raw:
-        if extra not in LINK_NAMES:
-            raise err(f"links.{extra}", f"unknown link; the links are {', '.join(LINK_NAMES)}")
+    _require_exactly(links_raw, "links", "link", LINK_NAMES, err)
     for lname in LINK_NAMES:
-        if lname not in links_raw:
-            raise err(f"links.{lname}", f"missing link; a profile needs all of {', '.join(LINK_NAMES)}")
         values = _section(links_raw[lname], f"links.{lname}", LINK_FIELDS, err)
         upper, lower = LINK_ENDS[lname]
         links[lname] = Link(name=lname, upper=upper, lower=lower, **values)
@@ -212,6 +204,16 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> Profil
     if compute.device == "gpu" and tiers["hbm"].capacity_bytes == 0:
         raise err("tiers.hbm.capacity", 'must be > 0 when compute.device = "gpu"')
     return Profile(name=name, description=description, tiers=tiers, links=links, compute=compute, source=source)
+
+
+def _require_exactly(raw: dict[str, Any], section: str, what: str, names: tuple[str, ...], err: Any) -> None:
+    """Every name in ``names`` present in ``raw`` and nothing else (errors name the key and the rule)."""
+    for extra in raw:
+        if extra not in names:
+            raise err(f"{section}.{extra}", f"unknown {what}; the {what}s are {', '.join(names)}")
+    for name in names:
+        if name not in raw:
+            raise err(f"{section}.{name}", f"missing {what}; a profile needs all of {', '.join(names)}")
 
 
 def _table(data: dict[str, Any], key: str, err: Any) -> dict[str, Any]:
