@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -127,8 +129,42 @@ def check_jobs(jobs: int | None) -> None:
 def _pool(jobs: int) -> ProcessPoolExecutor:
     # forkserver: workers do not inherit the parent's threads (the progress bar's) or llama.cpp state
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    method = "forkserver" if "forkserver" in methods else "spawn"
+    if method == "forkserver":
+        _start_forkserver_without_sigint()
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context(method))
+
+
+def _start_forkserver_without_sigint() -> None:
+    """Start the forkserver with SIGINT ignored, so that sweep workers never see Ctrl-C.
+
+    A terminal sends SIGINT to its whole foreground process group, workers included: a worker
+    hit while importing or waiting for a cell printed a multi-line traceback. An ignored signal
+    stays ignored across fork and exec (Python then installs no KeyboardInterrupt handler), so
+    the forkserver and every worker it forks ignore SIGINT; the parent alone handles Ctrl-C and
+    stops the workers. SIGINT is blocked meanwhile, so a Ctrl-C in that moment is delivered
+    here once the handler is back (Linux keeps a blocked signal pending even while ignored).
+    """
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        forkserver.ensure_running()  # only the main thread may change signal handlers
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _stop_workers(pool: Executor) -> None:
+    """Terminate a process pool's workers (they ignore Ctrl-C; running cells are abandoned)."""
+    processes = getattr(pool, "_processes", None) or {}
+    for proc in list(processes.values()):
+        if proc.is_alive():
+            proc.terminate()
 
 
 def run_cells(
@@ -175,6 +211,10 @@ def run_cells(
                     "a sweep worker process died before finishing its cell: in a script, call run_cells under "
                     "`if __name__ == '__main__':` (workers re-import the main module), or run with jobs=1"
                 ) from None
+            except KeyboardInterrupt:
+                if own:
+                    _stop_workers(pool)
+                raise
             finally:
                 if own:
                     pool.shutdown(cancel_futures=True)
