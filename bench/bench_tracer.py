@@ -1,6 +1,6 @@
 """Tracer overhead: decode speed with and without attention capture, measured in one run.
 
-Two llama.cpp contexts share one loaded model: one with the capture hook
+Two llama.cpp engines load the same model: one with the capture hook
 (C cb_eval helper, per-block reduction, chunked Parquet writing: exactly the
 tracer's per-step code) and one with no cb_eval at all (still timing and
 writing steps). Both prefill the same prompt, then decode alternately in
@@ -22,54 +22,59 @@ from pathlib import Path
 
 import numpy as np
 
+from llamatier.engines import EngineSettings
+from llamatier.engines.llamacpp import LlamaCppEngine
 from llamatier.kvtypes import kv_type
-from llamatier.llama_session import ContextSettings, LlamaContext, LlamaModel
 from llamatier.model import read_model_info
-from llamatier.trace.capture import AttentionCapture
-from llamatier.trace.tracer import _pending, _step
+from llamatier.trace.tracer import measure_step
 from llamatier.trace.writer import TraceWriter
 from llamatier.workloads import builtin_workload, demo_model_path
 
 
 class Runner:
-    """One context decoding with (or without) the tracer's per-step work."""
+    """One engine (model + context) decoding with (or without) the tracer's per-step work."""
 
-    def __init__(self, model: LlamaModel, n_layers: int, capture: bool, out: Path, args: argparse.Namespace) -> None:
-        self.cap = AttentionCapture(n_layers, 2048 + 256, backend=args.capture) if capture else None
-        st = ContextSettings(n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=args.threads,
-                             type_k=kv_type("f16"), type_v=kv_type("f16"))
-        self.ctx = LlamaContext(model, st, cb_eval=self.cap.callback if self.cap else None,
-                                cb_user_data=self.cap.user_data if self.cap else None)
-        self.ctx.set_sampler(temperature=0.8, top_k=40, seed=7)
-        self.writer = TraceWriter(out, {}, n_layers=n_layers, block_tokens=16, chunk_steps=64)
+    def __init__(self, model_path: Path, capture: bool, out: Path, args: argparse.Namespace) -> None:
+        info = read_model_info(model_path)
+        st = EngineSettings(n_ctx=2048, n_batch=512, n_threads=args.threads, type_k=kv_type("f16"),
+                            type_v=kv_type("f16"), seed=7, temperature=0.8, top_k=40, capture=capture,
+                            capture_backend=args.capture)
+        self.engine = LlamaCppEngine(st)
+        self.engine.load(model_path, info)
+        self.engine.start()
+        self.backend = self.engine.describe().capture["backend"] or "off"
+        self.n_layers = info.n_layers
+        self.writer = TraceWriter(out, {}, n_layers=info.n_layers, block_tokens=16, chunk_steps=64)
         self.pos = 0
         self.token = -1
         self.decode_s: list[float] = []
         self.loop_s: list[float] = []
         self.t0 = time.perf_counter()
 
+    def _step(self, tokens: list[int], phase: str, sample: bool = True) -> float:
+        rec = measure_step(self.engine, tokens, self.pos, phase, logits=True, n_layers=self.n_layers,
+                           block_tokens=16, t0=self.t0)
+        self.pos += len(tokens)
+        if sample:
+            self.token = self.engine.sample()
+            rec.row["token_out"] = self.token
+        self.writer.add_step(rec.row, rec.blocks, rec.positions)
+        return rec.row["decode_s"]
+
     def prefill(self, tokens: list[int]) -> None:
         for i in range(0, len(tokens), 512):
-            chunk = tokens[i : i + 512]
-            _, row = _step(self.ctx, self.cap, self.writer, chunk, self.pos, "prefill", True, 16, self.t0, False)
-            self.pos += len(chunk)
-            self.writer.add_step(row, *_pending(row))
-        self.token = self.ctx.sample()
+            self._step(tokens[i : i + 512], "prefill", sample=i + 512 >= len(tokens))
 
     def decode(self, n: int) -> None:
         for _ in range(n):
             t = time.perf_counter()
-            dt, row = _step(self.ctx, self.cap, self.writer, [self.token], self.pos, "decode", True, 16, self.t0, False)
-            self.pos += 1
-            self.token = self.ctx.sample()
-            row["token_out"] = self.token
-            self.writer.add_step(row, *_pending(row))
+            dt = self._step([self.token], "decode")
             self.loop_s.append(time.perf_counter() - t)
             self.decode_s.append(dt)
 
     def close(self) -> None:
         self.writer.close(complete=True)
-        self.ctx.close()
+        self.engine.close()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,12 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     model_path = a.model or demo_model_path()
-    info = read_model_info(model_path)
     prompt = builtin_workload()[: a.prompt_chars]
-    with tempfile.TemporaryDirectory() as td, LlamaModel(model_path) as model:
-        tokens = model.tokenize(prompt)
-        traced = Runner(model, info.n_layers, True, Path(td) / "traced", a)
-        plain = Runner(model, info.n_layers, False, Path(td) / "plain", a)
+    with tempfile.TemporaryDirectory() as td:
+        traced = Runner(model_path, True, Path(td) / "traced", a)
+        plain = Runner(model_path, False, Path(td) / "plain", a)
+        tokens = traced.engine.tokenize(prompt)
         traced.prefill(tokens)
         plain.prefill(tokens)
         done, i = 0, 0
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "bench": "tracer_overhead",
         "model": str(model_path),
-        "capture_backend": traced.cap.backend,
+        "capture_backend": traced.backend,
         "prompt_tokens": len(tokens),
         "n_predict": a.n_predict,
         "threads": a.threads,

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from llamatier.engines.llamacpp.session import ContextSettings, LlamaContext, LlamaModel
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KV_TYPES, KVType, kv_type, parse_kv_pair
-from llamatier.llama_session import ContextSettings, LlamaContext, LlamaModel
 from llamatier.model import KVGeometry, read_model_info
 
 DEFAULT_TEXT_NAME = "quality_text.txt"

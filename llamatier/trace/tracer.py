@@ -1,9 +1,9 @@
-"""Record a trace from a real llama.cpp run through llama-cpp-python.
+"""Record a trace: drive a trace engine step by step and write every step as it completes.
 
-Flash attention is forced off (otherwise ``kq_soft_max`` never exists) and
-``swa_full`` on (so KV cell index == token position on every layer). The
-prompt is decoded in batches of ``n_batch`` tokens (one prefill step each),
-then ``n_predict`` single-token decode steps follow.
+The step loop is engine-neutral (:class:`~llamatier.engines.TraceEngine`; the
+built-in engine is llama.cpp, :mod:`llamatier.engines.llamacpp`). The prompt is
+decoded in batches of ``n_batch`` tokens (one prefill step each), then
+``n_predict`` single-token decode steps follow.
 
 Attribution: a step's mass per KV block is the mean over heads and over the
 step's query tokens of the softmax probability summed over the block's
@@ -23,6 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from llamatier.engines import (
+    DEFAULT_ENGINE,
+    EngineDescription,
+    EngineSettings,
+    TraceEngine,
+    block_mass,
+    get_engine,
+)
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KVType, kv_type
 from llamatier.model import ModelInfo, read_model_info
@@ -64,6 +72,8 @@ class TraceConfig:
     overwrite: bool = False
     command: str = ""
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    engine: str = DEFAULT_ENGINE
+    engine_options: dict[str, Any] = field(default_factory=dict)  # the engine's own settings
 
 
 @dataclass(frozen=True)
@@ -97,10 +107,6 @@ def _validate_types(type_k: str, type_v: str) -> tuple[KVType, KVType]:
     return tk, tv
 
 
-def _pad(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
 def validate_config(cfg: TraceConfig) -> tuple[ModelInfo, KVType, KVType]:
     """Check everything that can be checked before loading the model."""
     info = read_model_info(cfg.model_path)
@@ -118,76 +124,69 @@ def validate_config(cfg: TraceConfig) -> tuple[ModelInfo, KVType, KVType]:
         info.geometry.layer_bytes_per_token(layer, tk, tv)  # raises if rows do not fit the block size
     if not cfg.prompt:
         raise LlamatierError("the prompt is empty: give --prompt TEXT or --prompt-file PATH")
+    get_engine(cfg.engine)
     check_out_dir(cfg.out_dir, overwrite=cfg.overwrite)
     return info, tk, tv
 
 
-def run_trace(cfg: TraceConfig, progress: ProgressFn | None = None) -> TraceSummary:
-    """Run llama.cpp on the prompt, record every step into ``cfg.out_dir`` and return a summary."""
-    import llama_cpp
-
-    from llamatier.llama_session import ContextSettings, LlamaContext, LlamaModel, system_info
-    from llamatier.machine import machine_info
-    from llamatier.trace.capture import AttentionCapture
-
-    info, tk, tv = validate_config(cfg)
-    model = LlamaModel(cfg.model_path)
+def make_engine(cfg: TraceConfig, type_k: KVType, type_v: KVType) -> TraceEngine:
+    """The engine ``cfg`` names, built with the run's settings and its own options."""
+    settings = EngineSettings(
+        n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_threads=cfg.n_threads, type_k=type_k, type_v=type_v,
+        seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, capture=cfg.capture,
+        capture_backend=cfg.capture_backend,
+    )
+    cls = get_engine(cfg.engine)
     try:
-        prompt_tokens = model.tokenize(cfg.prompt, add_bos=True)
-        n_prompt = len(prompt_tokens)
-        need = n_prompt + cfg.n_predict
-        if need > cfg.n_ctx:
-            raise LlamatierError(
-                f"the prompt is {n_prompt} tokens and --n-predict {cfg.n_predict} needs {need} positions, "
-                f"but --ctx is {cfg.n_ctx}; raise --ctx to at least {need} or shorten the prompt"
-            )
-        capture = None
-        if cfg.capture:
-            capture = AttentionCapture(info.n_layers, _pad(cfg.n_ctx, 256) + 256, backend=cfg.capture_backend)
-        settings = ContextSettings(
-            n_ctx=cfg.n_ctx,
-            n_batch=cfg.n_batch,
-            n_ubatch=cfg.n_batch,
-            n_threads=cfg.n_threads,
-            type_k=tk,
-            type_v=tv,
-            flash_attn=False,
-            swa_full=True,
-            seed=cfg.seed,
-        )
-        ctx = LlamaContext(
-            model,
-            settings,
-            cb_eval=capture.callback if capture else None,
-            cb_user_data=capture.user_data if capture else None,
-        )
-        try:
-            return _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, system_info(),
-                           machine_info(), llama_cpp.__version__)
-        finally:
-            ctx.close()
+        return cls(settings, **cfg.engine_options)
+    except TypeError as exc:
+        raise LlamatierError(f"bad options for engine {cfg.engine!r}: {exc}") from None
+
+
+def run_trace(cfg: TraceConfig, progress: ProgressFn | None = None) -> TraceSummary:
+    """Run the engine on the prompt, record every step into ``cfg.out_dir`` and return a summary."""
+    info, tk, tv = validate_config(cfg)
+    engine = make_engine(cfg, tk, tv)
+    try:
+        engine.load(cfg.model_path, info)
+        prompt_tokens = engine.tokenize(cfg.prompt)
+        _check_fits(cfg, len(prompt_tokens))
+        engine.start()
+        meta = trace_meta(cfg, info, tk, tv, len(prompt_tokens), engine.name, engine.describe())
+        writer = TraceWriter(cfg.out_dir, meta, n_layers=info.n_layers, block_tokens=cfg.block_tokens,
+                             chunk_steps=cfg.chunk_steps, positions=cfg.positions, overwrite=cfg.overwrite)
+        return _record(cfg, engine, writer, prompt_tokens, progress)
     finally:
-        model.close()
+        engine.close()
 
 
-def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sysinfo, machine, lcp_version):  # noqa: ANN001
-    n_prompt = len(prompt_tokens)
+def _check_fits(cfg: TraceConfig, n_prompt: int) -> None:
+    need = n_prompt + cfg.n_predict
+    if need > cfg.n_ctx:
+        raise LlamatierError(
+            f"the prompt is {n_prompt} tokens and --n-predict {cfg.n_predict} needs {need} positions, "
+            f"but --ctx is {cfg.n_ctx}; raise --ctx to at least {need} or shorten the prompt"
+        )
+
+
+def trace_meta(cfg: TraceConfig, info: ModelInfo, tk: KVType, tv: KVType, n_prompt: int, engine_name: str,
+               desc: EngineDescription) -> dict[str, Any]:
+    """The trace's meta.json content at the start of the run."""
+    from llamatier.machine import machine_info
+
     geom = info.geometry
-    meta = {
+    return {
         "command": cfg.command,
         "model": info.to_dict(),
         "context": {
-            "n_ctx": ctx.n_ctx(),
+            "n_ctx": desc.n_ctx,
             "n_ctx_requested": cfg.n_ctx,
             "n_batch": cfg.n_batch,
             "n_ubatch": cfg.n_batch,
             "n_threads": cfg.n_threads,
             "type_k": tk.name,
             "type_v": tv.name,
-            "flash_attn": False,
-            "swa_full": True,
-            "offload_kqv": True,
-            "n_gpu_layers": 0,
+            **desc.context,
             "seed": cfg.seed,
             "temperature": cfg.temperature,
             "top_k": cfg.top_k,
@@ -195,12 +194,11 @@ def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sys
             "n_prompt_tokens": n_prompt,
             "stop_at_eos": cfg.stop_at_eos,
             "kv_bytes_per_token": geom.bytes_per_token(tk, tv),
-            "kv_cache_bytes": geom.bytes_per_token(tk, tv) * ctx.n_ctx(),
+            "kv_cache_bytes": geom.bytes_per_token(tk, tv) * desc.n_ctx,
         },
         "capture": {
-            "enabled": capture is not None,
-            "backend": capture.backend if capture else None,
-            "node": "kq_soft_max-<layer>",
+            "enabled": cfg.capture,
+            **desc.capture,
             "reduction": "attention probability summed per KV block; " + PREFILL_ATTRIBUTION,
             "positions": cfg.positions,
         },
@@ -210,57 +208,104 @@ def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sys
             "n_tokens": n_prompt,
             "preview": cfg.prompt[:160],
         },
-        "system_info": sysinfo,
-        "llama_cpp_python_version": lcp_version,
-        "machine": machine,
+        **desc.top,
+        "engine": {"name": engine_name, **desc.engine},
+        "machine": machine_info(),
         **cfg.extra_meta,
     }
-    writer = TraceWriter(
-        cfg.out_dir,
-        meta,
-        n_layers=info.n_layers,
-        block_tokens=cfg.block_tokens,
-        chunk_steps=cfg.chunk_steps,
-        positions=cfg.positions,
-        overwrite=cfg.overwrite,
-    )
-    ctx.set_sampler(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
-    total = n_prompt + cfg.n_predict
-    B = cfg.block_tokens
-    t0 = time.perf_counter()
-    prefill_s = decode_s = 0.0
-    n_decode = 0
+
+
+@dataclass
+class StepRecord:
+    """One measured step: its row of the steps table and its attention per block (and per position)."""
+
+    row: dict[str, Any]
+    blocks: np.ndarray  # float32 [n_layers, n_visible_blocks]
+    positions: np.ndarray | None  # float32 [n_layers, n_ctx_tokens] when kept
+
+
+def measure_step(engine: TraceEngine, tokens: list[int], pos0: int, phase: str, *, logits: bool,
+                 n_layers: int, block_tokens: int, t0: float, keep_positions: bool = False) -> StepRecord:
+    """One decode call, timed, with its attention reduced to blocks (``t0``: the run's start)."""
+    t_start = time.perf_counter()
+    timing = engine.decode(tokens, pos0, logits=logits)
+    t_cap0 = time.perf_counter()
+    n_ctx_tokens = pos0 + len(tokens)
+    attn = engine.attention(n_ctx_tokens)
+    n_kv, blocks, positions = 0, np.zeros((n_layers, 0), dtype=np.float32), None
+    if attn is not None:
+        n_kv = attn.n_kv
+        blocks = block_mass(attn.mass, block_tokens)
+        if keep_positions:
+            positions = attn.mass.astype(np.float32)
+    row = {
+        "phase": phase,
+        "n_tokens": len(tokens),
+        "pos0": pos0,
+        "n_kv": n_kv,
+        "token_in": int(tokens[0]),
+        "token_out": -1,
+        "t_start_s": t_start - t0,
+        "decode_s": timing.wall_s,
+        "capture_s": time.perf_counter() - t_cap0,
+        "perf_t_p_eval_ms": timing.perf_t_p_eval_ms,
+        "perf_t_eval_ms": timing.perf_t_eval_ms,
+        "perf_n_p_eval": timing.perf_n_p_eval,
+        "perf_n_eval": timing.perf_n_eval,
+    }
+    return StepRecord(row, blocks, positions)
+
+
+class _StepLoop:
+    """Prefill then decode, each step measured, sampled and handed to the writer."""
+
+    def __init__(self, cfg: TraceConfig, engine: TraceEngine, writer: TraceWriter,
+                 progress: ProgressFn | None, total_tokens: int) -> None:
+        self.cfg, self.engine, self.writer = cfg, engine, writer
+        self.progress, self.total = progress, total_tokens
+        self.t0 = time.perf_counter()
+        self.pos = 0
+        self.token = -1
+        self.prefill_s = self.decode_s = 0.0
+        self.n_decode = 0
+
+    def _step(self, tokens: list[int], phase: str, *, sample: bool) -> float:
+        rec = measure_step(self.engine, tokens, self.pos, phase, logits=sample, n_layers=self.writer.n_layers,
+                           block_tokens=self.cfg.block_tokens, t0=self.t0, keep_positions=self.cfg.positions)
+        self.pos += len(tokens)
+        if sample:
+            self.token = self.engine.sample()
+            rec.row["token_out"] = self.token
+        self.writer.add_step(rec.row, rec.blocks, rec.positions)
+        if self.progress:
+            self.progress(phase, self.pos, self.total)
+        return rec.row["decode_s"]
+
+    def prefill(self, prompt_tokens: list[int]) -> None:
+        """One step per ``n_batch`` prompt tokens; the last samples the first generated token."""
+        n_prompt = len(prompt_tokens)
+        while self.pos < n_prompt:
+            chunk = prompt_tokens[self.pos : self.pos + self.cfg.n_batch]
+            self.prefill_s += self._step(chunk, "prefill", sample=self.pos + len(chunk) >= n_prompt)
+
+    def decode(self) -> None:
+        """Up to ``n_predict`` single-token steps (fewer with ``stop_at_eos``)."""
+        for _ in range(self.cfg.n_predict):
+            if self.cfg.stop_at_eos and self.engine.is_eog(self.token):
+                break
+            self.decode_s += self._step([self.token], "decode", sample=True)
+            self.n_decode += 1
+
+
+def _record(cfg: TraceConfig, engine: TraceEngine, writer: TraceWriter, prompt_tokens: list[int],
+            progress: ProgressFn | None) -> TraceSummary:
+    """Run the step loop; on Ctrl-C, SIGTERM or an error close the trace saying why."""
+    loop = _StepLoop(cfg, engine, writer, progress, len(prompt_tokens) + cfg.n_predict)
     old_term = _sigterm_as_interrupt()
     try:
-        pos = 0
-        token = -1
-        # -- prefill: one step per n_batch tokens --------------------------------------
-        while pos < n_prompt:
-            chunk = prompt_tokens[pos : pos + cfg.n_batch]
-            last = pos + len(chunk) >= n_prompt
-            dt, row = _step(ctx, capture, writer, chunk, pos, "prefill", last, B, t0, cfg.positions)
-            prefill_s += dt
-            pos += len(chunk)
-            if last:
-                token = ctx.sample()
-                row["token_out"] = token
-            writer.add_step(row, *_pending(row))
-            if progress:
-                progress("prefill", pos, total)
-        # -- decode --------------------------------------------------------------------
+        loop.prefill(prompt_tokens)
         t_dec0 = time.perf_counter()
-        for _ in range(cfg.n_predict):
-            if cfg.stop_at_eos and model.is_eog(token):
-                break
-            dt, row = _step(ctx, capture, writer, [token], pos, "decode", True, B, t0, cfg.positions)
-            decode_s += dt
-            n_decode += 1
-            pos += 1
-            token = ctx.sample()
-            row["token_out"] = token
-            writer.add_step(row, *_pending(row))
-            if progress:
-                progress("decode", pos, total)
+        loop.decode()
     except KeyboardInterrupt:
         # One Ctrl-C can raise twice: polars checks signals inside write_parquet and raises
         # there, and Python raises the same SIGINT again at the next call it makes (seen in 1
@@ -288,62 +333,18 @@ def _record(cfg, info, tk, tv, model, ctx, capture, prompt_tokens, progress, sys
     finally:
         _restore_sigterm(old_term)
     decode_wall_s = time.perf_counter() - t_dec0
-    extra = {"capture_reduce_s": capture.reduce_s if capture else 0.0}
-    writer.update_meta(**extra)
+    writer.update_meta(**engine.run_stats())
     writer.close(complete=True)
     return TraceSummary(
         out_dir=Path(cfg.out_dir),
         n_steps=writer.n_steps,
-        n_prompt_tokens=n_prompt,
-        n_decode_steps=n_decode,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
+        n_prompt_tokens=len(prompt_tokens),
+        n_decode_steps=loop.n_decode,
+        prefill_s=loop.prefill_s,
+        decode_s=loop.decode_s,
         decode_wall_s=decode_wall_s,
-        capture_backend=capture.backend if capture else "off",
+        capture_backend=writer.meta["capture"].get("backend") or "off",
     )
-
-
-def _step(ctx, capture, writer, tokens, pos0, phase, logits, B, t0, want_positions):  # noqa: ANN001
-    """One llama_decode, timed, with its attention reduced to blocks."""
-    t_start = time.perf_counter()
-    ctx.decode(tokens, pos0, logits_last=logits)
-    t_end = time.perf_counter()
-    n_ctx_tokens = pos0 + len(tokens)
-    n_kv = 0
-    blocks = np.zeros((writer.n_layers, 0), dtype=np.float32)
-    positions = None
-    if capture is not None:
-        pos_mass, n_kv = capture.take(n_ctx_tokens)
-        nb = -(-n_ctx_tokens // B)
-        padded = np.zeros((pos_mass.shape[0], nb * B), dtype=np.float64)
-        padded[:, :n_ctx_tokens] = pos_mass
-        blocks = padded.reshape(pos_mass.shape[0], nb, B).sum(axis=2).astype(np.float32)
-        if want_positions:
-            positions = pos_mass.astype(np.float32)
-    t_cap = time.perf_counter() - t_end
-    perf = ctx.perf()
-    row = {
-        "phase": phase,
-        "n_tokens": len(tokens),
-        "pos0": pos0,
-        "n_kv": n_kv,
-        "token_in": int(tokens[0]),
-        "token_out": -1,
-        "t_start_s": t_start - t0,
-        "decode_s": t_end - t_start,
-        "capture_s": t_cap,
-        "perf_t_p_eval_ms": perf["t_p_eval_ms"],
-        "perf_t_eval_ms": perf["t_eval_ms"],
-        "perf_n_p_eval": perf["n_p_eval"],
-        "perf_n_eval": perf["n_eval"],
-        "_blocks": blocks,
-        "_positions": positions,
-    }
-    return t_end - t_start, row
-
-
-def _pending(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    return row.pop("_blocks"), row.pop("_positions")
 
 
 def _sigterm_as_interrupt() -> Any:
