@@ -80,6 +80,12 @@ def test_sliding_window_layers_see_only_their_window(tiny_gemma_model, tmp_path)
     glob = outside.filter(pl.col("layer") == 1)["mass"]
     assert float(windowed.abs().max()) == 0.0
     assert float(glob.sum()) > 0.0  # the global layer does look back further
+    # the stored attention table leaves out the window layer's empty blocks; reading fills in 0
+    attn = pl.concat([pl.read_parquet(f) for f in sorted((tmp_path / "g").glob("attn-*.parquet"))])
+    assert attn.height == int(np.count_nonzero(tr.mass)) and float(attn["mass"].abs().min()) > 0.0
+    vb = tr.visible_blocks
+    assert attn.height < tr.n_layers * int(vb.sum())
+    np.testing.assert_allclose(tr.mass.sum(axis=2), 1.0, atol=1e-4)
 
 
 @pytest.mark.gemma

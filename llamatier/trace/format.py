@@ -4,7 +4,9 @@ Layout of a trace directory::
 
     meta.json                 format name, version, complete flag, model, context, system, machine
     steps-00000.parquet       one row per llama_decode call (STEP_SCHEMA)
-    attn-00000.parquet        attention mass per (step, layer, block) (ATTN_SCHEMA)
+    attn-00000.parquet        attention mass per (step, layer, block) (ATTN_SCHEMA); a block with
+                              no row holds 0 (writers leave out zero-mass blocks: sliding-window
+                              layers' blocks outside their window)
     positions-00000.parquet   optional: mass per (step, layer, position) (POSITION_SCHEMA)
 
 Chunk ``i`` of every table covers the same steps; a chunk counts only when its

@@ -184,15 +184,17 @@ class TraceWriter:
         def cat(xs: list[np.ndarray], dt: type) -> np.ndarray:
             return np.concatenate(xs) if xs else np.zeros(0, dtype=dt)
 
-        return pl.DataFrame(
-            {
-                "step": cat(steps, np.uint32),
-                "layer": cat(layers, np.uint16),
-                col: cat(idx, np.uint32),
-                "mass": cat(mass, np.float32),
-            },
-            schema=schema,
-        )
+        cols = {
+            "step": cat(steps, np.uint32),
+            "layer": cat(layers, np.uint16),
+            col: cat(idx, np.uint32),
+            "mass": cat(mass, np.float32),
+        }
+        if col == "block":
+            # a block without attention (outside a sliding window) is no row: readers fill in 0
+            keep = cols["mass"] != 0.0
+            cols = {k: v[keep] for k, v in cols.items()}
+        return pl.DataFrame(cols, schema=schema)
 
     def _write_meta(self) -> None:
         _atomic_write_bytes(self.out / META_FILE, json.dumps(self.meta, indent=2, default=str).encode())
