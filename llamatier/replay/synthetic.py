@@ -9,12 +9,61 @@ Results on them measure the replay engine, never a model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import polars as pl
 
 from llamatier.model import KVGeometry, ModelInfo
 from llamatier.trace import Trace
+from llamatier.trace.chunks import ArrayMassSource, MassSource, RowBatch, concat_batches
 from llamatier.trace.format import FORMAT_NAME, FORMAT_VERSION, STEP_SCHEMA
+
+
+class SyntheticMassSource(MassSource):
+    """Made-up attention generated step by step on demand (each step seeded on its own), so that
+    shapes far larger than memory or disk (1M tokens x 80 layers) can be replayed."""
+
+    def __init__(
+        self, steps: list[tuple[str, int, int]], *, n_layers: int, block_tokens: int, window: np.ndarray,
+        seed: int, steps_per_batch: int = 4,
+    ) -> None:
+        self.rows_of_steps = steps
+        self.n_steps, self.n_layers = len(steps), n_layers
+        self.block_tokens = block_tokens
+        final = steps[-1][1] + steps[-1][2] if steps else 0
+        self.n_blocks = -(-final // block_tokens)
+        self.window = window  # int64 [n_layers]: sliding window in tokens, 0 for global layers
+        self.seed = seed
+        self.steps_per_batch = steps_per_batch
+        self.heavy = np.random.default_rng(seed).integers(0, max(self.n_blocks, 1), size=(n_layers, 4))
+
+    def step_mass(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first visible block per layer, float32 [n_layers, blocks up to the step's context])."""
+        _, nt, p0 = self.rows_of_steps[s]
+        B, L = self.block_tokens, self.n_layers
+        b1 = -(-(p0 + nt) // B)
+        lo = np.where(self.window > 0, np.maximum(0, p0 - self.window + 1), 0) // B
+        rng = np.random.default_rng([self.seed, s])
+        m = rng.gamma(0.3, size=(L, b1)).astype(np.float32) * np.float32(0.2) + np.float32(1e-6)
+        m[:, b1 - 1] += 1.0  # recency
+        m[lo == 0, 0] += 1.0  # attention sink on the first block
+        hl, hb = np.nonzero(self.heavy < b1)
+        m[hl, self.heavy[hl, hb]] += 0.5  # heavy hitters
+        m[np.arange(b1)[None, :] < lo[:, None]] = 0.0
+        m /= m.sum(axis=1, keepdims=True)
+        return lo, m
+
+    def batches(self, *, reverse: bool = False) -> Iterator[RowBatch]:
+        starts = range(0, self.n_steps, self.steps_per_batch)
+        for s0 in reversed(starts) if reverse else starts:
+            parts = []
+            group = range(s0, min(s0 + self.steps_per_batch, self.n_steps))
+            for s in reversed(group) if reverse else group:
+                _, m = self.step_mass(s)
+                layer, block = np.nonzero(m)
+                parts.append(RowBatch(np.full(layer.size, s, dtype=np.int64), layer, block, m[layer, block]))
+            yield concat_batches(parts)
 
 
 def synthetic_trace(
@@ -33,9 +82,12 @@ def synthetic_trace(
     weight_bytes: int = 1_000_000,
     n_params: int = 500_000,
     seed: int = 0,
+    lazy: bool = False,
 ) -> Trace:
-    """A Trace with made-up attention mass (see the module docstring); deterministic per seed."""
-    rng = np.random.default_rng(seed)
+    """A Trace with made-up attention mass (see the module docstring); deterministic per seed.
+
+    ``lazy``: generate each step's mass when it is read (nothing is kept), instead of one dense array.
+    """
     swa = tuple(
         sliding_window > 0 and (swa_pattern == 0 or i % swa_pattern < swa_pattern - 1) for i in range(n_layers)
     )
@@ -58,21 +110,10 @@ def synthetic_trace(
         rows.append(("decode", 1, pos))
         pos += 1
     S = len(rows)
-    nb = -(-pos // block_tokens)
-    mass = np.zeros((S, n_layers, nb), dtype=np.float32)
-    heavy = rng.integers(0, max(nb, 1), size=(n_layers, 4))
-    for s, (_, nt, p0) in enumerate(rows):
-        ctx = p0 + nt
-        b1 = -(-ctx // block_tokens)
-        for layer in range(n_layers):
-            lo = max(0, p0 - sliding_window + 1) if swa[layer] else 0
-            b0 = lo // block_tokens
-            m = rng.gamma(0.3, size=b1 - b0).astype(np.float32) * 0.2 + 1e-6
-            m[-1] += 1.0  # recency
-            m[0] += 1.0 if b0 == 0 else 0.0  # sink
-            hh = heavy[layer][(heavy[layer] >= b0) & (heavy[layer] < b1)] - b0
-            m[hh] += 0.5
-            mass[s, layer, b0:b1] = m / m.sum()
+    window = np.array([sliding_window if w else 0 for w in swa], dtype=np.int64)
+    src: MassSource = SyntheticMassSource(rows, n_layers=n_layers, block_tokens=block_tokens, window=window, seed=seed)
+    if not lazy:
+        src = ArrayMassSource(src.dense())
     steps = pl.DataFrame(
         {
             "step": list(range(S)),
@@ -102,4 +143,4 @@ def synthetic_trace(
         "model": model.to_dict(),
         "context": {"n_ctx": int(n_ctx or pos), "type_k": "f16", "type_v": "f16", "n_threads": 2, "n_ubatch": 512},
     }
-    return Trace(meta=meta, model=model, steps=steps, mass=mass, block_tokens=block_tokens)
+    return Trace(meta=meta, model=model, steps=steps, source=src, block_tokens=block_tokens)
