@@ -61,7 +61,7 @@ def cut_to_tokens(model, text: str, n_tokens: int) -> str:  # noqa: ANN001 - Lla
 
 
 def main() -> None:
-    from llamatier.llama_session import LlamaModel
+    from llamatier.engines.llamacpp.session import LlamaModel
     from llamatier.trace.tracer import TraceConfig, run_trace
     from llamatier.workloads import demo_model_path
 
