@@ -37,8 +37,8 @@ def repeatability(n: int, calib: Path) -> dict:
 
     import numpy as np
 
+    from llamatier.demo import demo_model_path
     from llamatier.trace import load_trace
-    from llamatier.workloads import demo_model_path
 
     exe = Path(sys.executable).with_name("llamatier")
     medians = []

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from llamatier.demo import builtin_prompt, demo_model_path
 from llamatier.engines import EngineSettings
 from llamatier.engines.llamacpp import LlamaCppEngine
 from llamatier.kvtypes import kv_type
 from llamatier.model import read_model_info
 from llamatier.trace.tracer import measure_step
 from llamatier.trace.writer import TraceWriter
-from llamatier.workloads import builtin_workload, demo_model_path
 
 
 class Runner:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     model_path = a.model or demo_model_path()
-    prompt = builtin_workload()[: a.prompt_chars]
+    prompt = builtin_prompt()[: a.prompt_chars]
     with tempfile.TemporaryDirectory() as td:
         traced = Runner(model_path, True, Path(td) / "traced", a)
         plain = Runner(model_path, False, Path(td) / "plain", a)

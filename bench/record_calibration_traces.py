@@ -229,7 +229,7 @@ def main() -> None:
                     "sessions' processes get ~2%% of the CPUs while a trace runs)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from llamatier.workloads import demo_model_path
+    from llamatier.demo import demo_model_path
 
     model = demo_model_path()
     if args.nice < 0:

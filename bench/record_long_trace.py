@@ -61,9 +61,9 @@ def cut_to_tokens(model, text: str, n_tokens: int) -> str:  # noqa: ANN001 - Lla
 
 
 def main() -> None:
+    from llamatier.demo import demo_model_path
     from llamatier.engines.llamacpp.session import LlamaModel
     from llamatier.trace.tracer import TraceConfig, run_trace
-    from llamatier.workloads import demo_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)

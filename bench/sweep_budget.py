@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from llamatier.geometry_presets import resolve_geometry
 from llamatier.hardware import load_profile
 from llamatier.replay import ReplayOptions, compare, prepare
+from llamatier.target import resolve_geometry
 from llamatier.trace import load_trace
 from llamatier.units import format_bytes
 

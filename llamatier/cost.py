@@ -31,38 +31,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llamatier.hardware import LINK_NAMES, TIER_NAMES, Profile
+from llamatier.hardware import Profile
+from llamatier.tiers import (
+    DOWN,
+    DRAM,
+    HBM,
+    LINK_NAMES,
+    N_LINKS,
+    N_TIERS,
+    REMOTE,
+    SSD,
+    TIER_NAMES,
+    UP,
+    MoveTiming,
+    link_ends,
+    link_paths,
+)
 
-HBM, DRAM, SSD, REMOTE = 0, 1, 2, 3
-UP, DOWN = 0, 1
-MOVE_TIMING_INDEX = {"demand": 0, "prefetch": 1, "free": 2}
-
-# _PATHS[a, b, link, direction] = 1 when a block going from tier a to tier b crosses that link that way.
-_LINK_OF_LOWER = {DRAM: 0, SSD: 1, REMOTE: 2}  # link joining a tier to the tier above it
-
-
-def _path_matrix() -> np.ndarray:
-    parent = {HBM: None, DRAM: HBM, SSD: DRAM, REMOTE: DRAM}
-
-    def up_chain(t: int) -> list[int]:
-        chain = [t]
-        while parent[chain[-1]] is not None:
-            chain.append(parent[chain[-1]])
-        return chain
-
-    m = np.zeros((4, 4, 3, 2), dtype=np.float64)
-    for a in range(4):
-        for b in range(4):
-            ca, cb = up_chain(a), up_chain(b)
-            common = next(t for t in ca if t in cb)
-            for t in ca[: ca.index(common)]:  # a climbs to the common ancestor
-                m[a, b, _LINK_OF_LOWER[t], UP] = 1
-            for t in cb[: cb.index(common)]:  # then descends to b
-                m[a, b, _LINK_OF_LOWER[t], DOWN] = 1
-    return m
-
-
-LINK_PATHS = _path_matrix()
+# LINK_PATHS[a, b, link, direction] = 1 when a block going from tier a to tier b crosses that link that way.
+LINK_PATHS = link_paths()
 
 
 @dataclass(frozen=True)
@@ -133,12 +120,10 @@ class CostModel:
         self.host_model_args = host_model_args  # kwargs for host_model.predict_step_s, None: roofline
         tiers = [profile.tier(t) for t in TIER_NAMES]
         links = [profile.link(n) for n in LINK_NAMES]
-        lower_of = [DRAM, SSD, REMOTE]
-        upper_of = [HBM, DRAM, DRAM]
-        self.rate = np.empty((3, 2))
-        self.fixed_s = np.empty(3)
-        for i, lk in enumerate(links):
-            up, lo = tiers[upper_of[i]], tiers[lower_of[i]]
+        self.rate = np.empty((N_LINKS, 2))
+        self.fixed_s = np.empty(N_LINKS)
+        for i, (lk, (upper, lower)) in enumerate(zip(links, link_ends(), strict=True)):
+            up, lo = tiers[upper], tiers[lower]
             self.rate[i, UP] = min(lk.bytes_per_s, lo.read_bytes_per_s, up.write_bytes_per_s)
             self.rate[i, DOWN] = min(lk.bytes_per_s, up.read_bytes_per_s, lo.write_bytes_per_s)
             self.fixed_s[i] = lk.latency_s + lk.transfer_overhead_s + lo.latency_s + lo.transfer_overhead_s
@@ -167,22 +152,22 @@ class CostModel:
 
         zeros = np.zeros(S)
         fetched = np.zeros(S)
-        # flows that cross links: [S, 4(src), 4(dst)]
-        demand_ab = np.zeros((S, 4, 4))
-        demand_n = np.zeros((S, 4, 4))
+        # flows that cross links: [S, src tier, dst tier]
+        demand_ab = np.zeros((S, N_TIERS, N_TIERS))
+        demand_n = np.zeros((S, N_TIERS, N_TIERS))
         # below-HBM blocks are staged up to DRAM first
         for t in (SSD, REMOTE):
             demand_ab[:, t, DRAM] += tr.read_bytes[:, :, t].sum(axis=1)
             demand_n[:, t, DRAM] += tr.read_blocks[:, :, t].sum(axis=1)
         # writes leave the device that produced them (HBM for GPU layers, DRAM for host layers)
-        for t in range(4):
+        for t in range(N_TIERS):
             wb_g, wn_g = tr.write_bytes[:, gpu, t].sum(axis=1), tr.write_blocks[:, gpu, t].sum(axis=1)
             wb_h, wn_h = tr.write_bytes[:, host, t].sum(axis=1), tr.write_blocks[:, host, t].sum(axis=1)
             demand_ab[:, HBM, t] += wb_g
             demand_n[:, HBM, t] += wn_g
             demand_ab[:, DRAM, t] += wb_h
             demand_n[:, DRAM, t] += wn_h
-        for t in range(4):  # a flow to itself crosses nothing
+        for t in range(N_TIERS):  # a flow to itself crosses nothing
             demand_ab[:, t, t] = 0.0
             demand_n[:, t, t] = 0.0
 
@@ -243,14 +228,14 @@ class CostModel:
             energy_weights = w_layer * (n_gpu * hbm.energy_j_per_byte + n_host * dram.energy_j_per_byte) + zeros
 
         d_bytes, d_busy = self._crossings(demand_ab, demand_n)
-        m_bytes = np.zeros((S, 3, 2))
+        m_bytes = np.zeros((S, N_LINKS, 2))
         busy = {}
-        for timing, k in (("demand", 0), ("prefetch", 1), ("free", 2)):
-            mb, mbusy = self._crossings(tr.move_bytes[:, k], tr.move_count[:, k])
+        for timing in MoveTiming:
+            mb, mbusy = self._crossings(tr.move_bytes[:, timing], tr.move_count[:, timing])
             m_bytes += mb
             busy[timing] = mbusy
-        link_s = (d_busy + busy["demand"]).sum(axis=(1, 2)) + np.maximum(
-            0.0, busy["prefetch"].sum(axis=(1, 2)) - compute_s
+        link_s = (d_busy + busy[MoveTiming.DEMAND]).sum(axis=(1, 2)) + np.maximum(
+            0.0, busy[MoveTiming.PREFETCH].sum(axis=(1, 2)) - compute_s
         )
         step_s = compute_s + host_layers_s + hbm_s + host_attn_s + link_s
 
@@ -269,7 +254,7 @@ class CostModel:
             hbm_s=hbm_s,
             host_attention_s=host_attn_s,
             link_s=link_s,
-            link_busy_s=d_busy + busy["demand"] + busy["prefetch"],
+            link_busy_s=d_busy + busy[MoveTiming.DEMAND] + busy[MoveTiming.PREFETCH],
             link_bytes=link_bytes,
             fetched_layers=fetched,
             energy_weights_j=energy_weights,

@@ -26,3 +26,10 @@ class ProfileError(LlamatierError):
 
 class ModelLoadError(LlamatierError):
     """A model file is missing, not GGUF, or llama.cpp refused it."""
+
+
+class LlamatierDeprecationWarning(FutureWarning):
+    """A name or option still works but will go: the message says what to use instead.
+
+    The CLI prints it as one ``note:`` line on stderr.
+    """

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from llamatier.errors import LlamatierError
-from llamatier.hardware import LINK_NAMES, TIER_NAMES
 from llamatier.outpaths import check_output_file
+from llamatier.tiers import DIRECTION_NAMES, LINK_NAMES, TIER_NAMES, MoveTiming
 
 US = 1e6  # seconds -> microseconds
 SEGMENTS = ("compute", "host_layers", "hbm", "host_attention", "link")  # StepCosts terms, in order
@@ -42,9 +42,8 @@ _SEGMENT_LABEL = {
 }
 TID_STEPS = 1
 TID_READS = {t: 10 + i for i, t in enumerate(TIER_NAMES)}
-TID_LINKS = {(n, d): 20 + 2 * i + j for i, n in enumerate(LINK_NAMES) for j, d in enumerate(("up", "down"))}
+TID_LINKS = {(n, d): 20 + 2 * i + j for i, n in enumerate(LINK_NAMES) for j, d in enumerate(DIRECTION_NAMES)}
 TID_MIGRATIONS = 30
-_MOVE_TIMINGS = ("demand", "prefetch", "free")
 
 
 def _results(what: Any) -> list[Any]:
@@ -129,7 +128,7 @@ def _result_events(r: Any, pid: int) -> list[dict]:
                          {"bytes": float(read_b[s, t]), "blocks": float(read_n[s, t])}))
             used.add(TID_READS[tier])
         for (lname, direction), tid in TID_LINKS.items():
-            li, di = LINK_NAMES.index(lname), (0 if direction == "up" else 1)
+            li, di = LINK_NAMES.index(lname), DIRECTION_NAMES.index(direction)
             busy = float(c.link_busy_s[s, li, di])
             nbytes = float(c.link_bytes[s, li, di])
             if busy <= 0 and nbytes <= 0:
@@ -138,17 +137,18 @@ def _result_events(r: Any, pid: int) -> list[dict]:
             ev.append(_x(f"{lname} {direction}", pid, tid, start, t1_us, "link",
                          {"bytes": nbytes, "busy_ms": busy * 1e3}))
             used.add(tid)
-        for m, timing in enumerate(_MOVE_TIMINGS):
+        for m in MoveTiming:
+            timing = m.label
             cnt = tr.move_count[s, m]
             if cnt.sum() <= 0:
                 continue
             args = {"timing": timing, "blocks": _pairs(cnt), "bytes": _pairs(tr.move_bytes[s, m])}
             used.add(TID_MIGRATIONS)
-            if timing == "free":
+            if m == MoveTiming.FREE:
                 ev.append({"name": "migrate (free, bound)", "cat": "migration", "ph": "i", "s": "t", "pid": pid,
                            "tid": TID_MIGRATIONS, "ts": t1_us, "args": args})
                 continue
-            a, b = span(s, 0 if timing == "prefetch" else 4)
+            a, b = span(s, 0 if m == MoveTiming.PREFETCH else 4)
             ev.append(_x(f"migrate ({timing})", pid, TID_MIGRATIONS, float(a), float(b), "migration", args))
         occ = rec.occupancy_bytes[s]
         ev.append({"name": "KV held (bytes)", "ph": "C", "pid": pid, "ts": t1_us,

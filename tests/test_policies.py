@@ -19,7 +19,7 @@ from llamatier.policies import (
     policy_names,
     register_policy,
 )
-from llamatier.policies.base import _REGISTRY
+from llamatier.registry import POLICIES
 from llamatier.replay import ReplayOptions, compare, prepare, replay
 from llamatier.replay.synthetic import synthetic_trace
 
@@ -84,7 +84,7 @@ def test_a_third_party_policy_plugs_in_by_name() -> None:
         assert r.runs and r.record.traffic.read_bytes[:, :, 0].sum() == 0
         assert r.record.traffic.read_bytes[:, :, 1].sum() > 0
     finally:
-        _REGISTRY.pop("all-dram-test")
+        POLICIES.unregister("all-dram-test")
 
 
 def test_a_policy_that_overfills_a_tier_is_caught() -> None:
@@ -298,12 +298,12 @@ def test_plugins_load_from_the_entry_point_group(monkeypatch: pytest.MonkeyPatch
         return [EntryPoint("plugged-test", Plugged)]
 
     monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
-    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(POLICIES, "_plugins_loaded", False)
     try:
         assert "plugged-test" in policy_names() and get_policy("plugged-test") is Plugged
     finally:
-        _REGISTRY.pop("plugged-test", None)
+        POLICIES.unregister("plugged-test")
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [EntryPoint("broken", ImportError("no"))])
-    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(POLICIES, "_plugins_loaded", False)
     with pytest.raises(LlamatierError, match="policy plug-in 'broken'.*failed to load"):
         policy_names()

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from llamatier.hardware import load_profile
 from llamatier.policies import CapacityExhausted
-from llamatier.reference import ReferenceLRU, replay_reference
+from llamatier.policies.lru_reference import ReferenceLRU
 from llamatier.replay import ReplayOptions, replay
+from llamatier.replay.reference import replay_reference
 from llamatier.replay.synthetic import synthetic_trace
 
 PROFILES = ("a100-40g", "t4", "cpu-host")

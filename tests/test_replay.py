@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 
 from llamatier.errors import LlamatierError
-from llamatier.geometry_presets import (
+from llamatier.hardware import HostComputeModel, load_profile
+from llamatier.kvtypes import kv_type
+from llamatier.policies.lru_reference import ReferenceLRU
+from llamatier.replay import ReplayOptions, compare, prepare, replay
+from llamatier.replay.reference import replay_reference
+from llamatier.replay.synthetic import synthetic_trace
+from llamatier.target import (
     geometry_preset,
     list_geometry_presets,
     map_layers,
     resolve_geometry,
 )
-from llamatier.hardware import HostComputeModel, load_profile
-from llamatier.kvtypes import kv_type
-from llamatier.reference import ReferenceLRU, replay_reference
-from llamatier.replay import ReplayOptions, compare, prepare, replay
-from llamatier.replay.synthetic import synthetic_trace
 from tests.conftest import assert_one_line_error, run_cli, trace_model
 from tests.test_reference import assert_same
 

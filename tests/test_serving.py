@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamatier.errors import LlamatierError
-from llamatier.geometry_presets import geometry_preset
-from llamatier.hardware import TIER_NAMES, load_profile
+from llamatier.hardware import load_profile
 from llamatier.replay import ReplayOptions, replay
 from llamatier.serving import (
     DEFAULT_SERVING_POLICIES,
@@ -28,6 +27,8 @@ from llamatier.serving import (
     workload_from_dict,
 )
 from llamatier.serving.policies.caches import BlockARC, BlockLRU
+from llamatier.target import geometry_preset
+from llamatier.tiers import TIER_NAMES
 from llamatier.trace import load_trace
 
 from .conftest import trace_model
@@ -73,7 +74,7 @@ def test_one_user_one_turn_matches_replay(tiny_trace_dir: Path, tiny_trace, poli
     assert df["ttft_s"][0] == pytest.approx(rp.summary()["latency"]["ttft_s"], rel=1e-12)
 
 
-@pytest.mark.parametrize("policy", ["llamacpp-server", "adaptive"])
+@pytest.mark.parametrize("policy", ["llamacpp-server", "session-tiering"])
 def test_one_user_one_turn_matches_replay_on_cpu_host(tiny_trace_dir: Path, tiny_trace, policy: str) -> None:
     spec = spec_of([tiny_trace_dir], workload={"profile": "cpu-host"})
     r = serve(spec, policy)
@@ -149,11 +150,11 @@ def test_conservation_under_pressure(tiny_trace_dir: Path, short_trace_dir: Path
 def test_pressure_forces_tier_traffic(tiny_trace_dir: Path, short_trace_dir: Path) -> None:
     """Small HBM and DRAM budgets: the paged policies evict, reload or recompute (and say so)."""
     spec = busy_spec([tiny_trace_dir, short_trace_dir])
-    lru = serve(spec, "lru", check=True).summary()
+    lru = serve(spec, "vllm-lru", check=True).summary()
     assert lru["bytes_per_link"]["hbm_dram"]["down"] > 0  # write-through
     assert lru["bytes_per_link"]["dram_ssd"]["down"] > 0  # DRAM evictions cascade to SSD
     assert lru["kv_reuse"]["reused_tokens_by_tier"]["dram"] + lru["kv_reuse"]["reused_tokens_by_tier"]["ssd"] > 0
-    roomy = serve(busy_spec([tiny_trace_dir, short_trace_dir], hbm_budget="1GiB"), "lru").summary()
+    roomy = serve(busy_spec([tiny_trace_dir, short_trace_dir], hbm_budget="1GiB"), "vllm-lru").summary()
     B = 16
     assert roomy["kv_reuse"]["recomputed_tokens"] < B * roomy["requests"]  # only partial last blocks recomputed
     assert roomy["kv_reuse"]["preemptions"] == 0
@@ -163,8 +164,8 @@ def test_dropping_kv_is_counted_as_recompute(tiny_trace_dir: Path, short_trace_d
     """Without lower tiers, evicted KV is gone: a returning session recomputes it."""
     spec = busy_spec([tiny_trace_dir, short_trace_dir])
     ctx = build_context(spec)
-    no_tiers = serve(spec, make_serving_policy("lru", tiers=()), context=ctx, check=True)
-    tiers = serve(spec, "lru", context=ctx, check=True)
+    no_tiers = serve(spec, make_serving_policy("vllm-lru", tiers=()), context=ctx, check=True)
+    tiers = serve(spec, "vllm-lru", context=ctx, check=True)
     assert_conserved(no_tiers)
     a, b = no_tiers.summary()["kv_reuse"], tiers.summary()["kv_reuse"]
     assert a["recomputed_tokens"] > b["recomputed_tokens"]
@@ -175,7 +176,7 @@ def test_shared_prefix_is_stored_once_by_paged_policies(tiny_trace_dir: Path) ->
     """Staggered sessions: lru computes the shared prefix once; llama.cpp's fresh slots each compute it again."""
     P = 160
     spec = spec_of([tiny_trace_dir], users={"count": 8, "ramp_s": 0.05}, prefix={"shared_tokens": P})
-    lru = serve(spec, "lru", check=True).requests_frame().sort("arrival_s")
+    lru = serve(spec, "vllm-lru", check=True).requests_frame().sort("arrival_s")
     full = (P // 16) * 16
     assert lru["reused_hbm_tokens"][0] == 0
     assert (lru["reused_hbm_tokens"].to_numpy()[1:] >= full).all()  # the prefix blocks, stored once, found by all
@@ -190,12 +191,12 @@ def test_shared_prefix_is_stored_once_by_paged_policies(tiny_trace_dir: Path) ->
 
 def test_seeded_runs_are_identical(tiny_trace_dir: Path, short_trace_dir: Path) -> None:
     spec = busy_spec([tiny_trace_dir, short_trace_dir])
-    for policy in ("arc", "adaptive"):
+    for policy in ("vllm-arc", "session-tiering"):
         a, b = serve(spec, policy), serve(spec, policy)
         assert a.requests_frame().equals(b.requests_frame(), null_equal=True)
         np.testing.assert_array_equal(a.record.step_s, b.record.step_s)
         np.testing.assert_array_equal(a.record.occupancy_bytes, b.record.occupancy_bytes)
-    other = serve(spec.with_overrides(seed=12), "arc")
+    other = serve(spec.with_overrides(seed=12), "vllm-arc")
     assert not np.array_equal(other.plan.req_trace, a.plan.req_trace) or not np.array_equal(
         other.plan.session_turns, a.plan.session_turns
     )
@@ -236,7 +237,7 @@ def test_user_draws_do_not_depend_on_the_user_count(tiny_trace_dir: Path, short_
 
 
 def test_unknown_policy_lists_the_valid_ones(tiny_trace_dir: Path) -> None:
-    with pytest.raises(LlamatierError, match="valid policies are adaptive, arc, llamacpp-server, lru"):
+    with pytest.raises(LlamatierError, match="valid serving policies are llamacpp-server, session-tiering, vllm-arc, vllm-lru"):
         serve(spec_of([tiny_trace_dir]), "lfu")
     assert serving_policy_names() == sorted(POLICIES)
 
@@ -271,8 +272,8 @@ def test_lru_and_arc_caches() -> None:
 def test_adaptive_spills_instead_of_preempting(tiny_trace_dir: Path, short_trace_dir: Path) -> None:
     """HBM smaller than the running set: adaptive reads part of it from DRAM; lru preempts."""
     spec = busy_spec([tiny_trace_dir, short_trace_dir], hbm_budget="512KiB", dram_budget="64MiB")
-    lru = serve(spec, "lru", check=True)
-    ad = serve(spec, make_serving_policy("adaptive", spill_budget_ms=1000.0), check=True)
+    lru = serve(spec, "vllm-lru", check=True)
+    ad = serve(spec, make_serving_policy("session-tiering", spill_budget_ms=1000.0), check=True)
     assert_conserved(ad)
     assert ad.summary()["kv_reuse"]["preemptions"] < lru.summary()["kv_reuse"]["preemptions"]
     assert ad.summary()["step_time_split"]["host_attention"] + ad.summary()["bytes_per_link"]["hbm_dram"]["up"] > 0
@@ -283,33 +284,33 @@ def test_adaptive_spills_instead_of_preempting(tiny_trace_dir: Path, short_trace
 
 def test_capacity_search_bounds(tiny_trace_dir: Path) -> None:
     spec = spec_of([tiny_trace_dir], sessions={"turns": 2, "think_time_s": 0.001})
-    loose = find_max_users(spec, "lru", slo_tpot_s=10.0, max_search=4)
+    loose = find_max_users(spec, "vllm-lru", slo_tpot_s=10.0, max_search=4)
     assert loose.capped and loose.max_users == 4
     assert [t["users"] for t in loose.trials] == [1, 2, 4]
-    impossible = find_max_users(spec, "lru", slo_tpot_s=1e-9, max_search=4)
+    impossible = find_max_users(spec, "vllm-lru", slo_tpot_s=1e-9, max_search=4)
     assert impossible.max_users == 0 and not impossible.capped and impossible.best is None
     # a target between two runs' p99 TPOTs splits them
     t = {x["users"]: x["tpot_p99_s"] for x in loose.trials}
     if t[4] > t[1]:
-        mid = find_max_users(spec, "lru", slo_tpot_s=(t[1] + t[4]) / 2, max_search=4)
+        mid = find_max_users(spec, "vllm-lru", slo_tpot_s=(t[1] + t[4]) / 2, max_search=4)
         assert 1 <= mid.max_users < 4
         assert all(x["meets"] == (x["tpot_p99_s"] <= (t[1] + t[4]) / 2) for x in mid.trials)
 
 
 def test_open_loop_workload_runs_and_rejects_user_search(tiny_trace_dir: Path) -> None:
     spec = spec_of([tiny_trace_dir], users={"count": None, "arrival_rate_per_s": 50.0, "sessions": 6})
-    r = serve(spec, "arc", check=True)
+    r = serve(spec, "vllm-arc", check=True)
     assert_conserved(r)
     arrivals = np.sort(r.plan.user_start_s)
     assert arrivals[0] == 0.0 and (np.diff(arrivals) >= 0).all()
     with pytest.raises(LlamatierError, match="closed-loop"):
-        find_max_users(spec, "arc", slo_tpot_s=0.1)
+        find_max_users(spec, "vllm-arc", slo_tpot_s=0.1)
 
 
 def test_measured_prefill_needs_the_traced_model_on_a_host(tiny_trace_dir: Path) -> None:
     spec = spec_of([tiny_trace_dir], server={"prefill_cost": "measured"})
     with pytest.raises(LlamatierError, match=r"server\.prefill_cost"):
-        serve(spec, "lru")
+        serve(spec, "vllm-lru")
     host = spec_of([tiny_trace_dir], workload={"profile": "cpu-host"}, server={"prefill_cost": "measured"})
     r = serve(host, "llamacpp-server")
     tr = load_trace(tiny_trace_dir)
@@ -320,7 +321,7 @@ def test_measured_prefill_needs_the_traced_model_on_a_host(tiny_trace_dir: Path)
 def test_users_run_sessions_back_to_back(tiny_trace_dir: Path, short_trace_dir: Path) -> None:
     spec = busy_spec([tiny_trace_dir, short_trace_dir], users=3)
     spec = spec.with_overrides(sessions_per_user=3, turns=(1, 2))
-    r = serve(spec, "adaptive", check=True)
+    r = serve(spec, "session-tiering", check=True)
     assert_conserved(r)
     p = r.plan
     assert p.n_sessions == 9 and p.n_users == 3

@@ -132,17 +132,17 @@ def test_cli_invalid_workload_is_one_line(tmp_path: Path, tiny_trace_dir: Path) 
 
 def test_cli_json_and_search(tmp_path: Path, tiny_trace_dir: Path) -> None:
     p = write(tmp_path, good(tmp_path, tiny_trace_dir))
-    proc = run_cli("serve-replay", str(p), "--policy", "lru", "--policy", "llamacpp-server", "--json")
+    proc = run_cli("serve-replay", str(p), "--policy", "vllm-lru", "--policy", "llamacpp-server", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert [r["policy"] for r in out["results"]] == ["lru", "llamacpp-server"]
+    assert [r["policy"] for r in out["results"]] == ["vllm-lru", "llamacpp-server"]
     for r in out["results"]:
         assert r["completed"] == r["requests"]
         assert r["latency"]["tpot_p99_s"] > 0 and r["slo"]["meets"] in (True, False)
-    proc = run_cli("serve-replay", str(p), "--policy", "adaptive", "--slo-tpot-ms", "1000", "--max-users", "2", "--json")
+    proc = run_cli("serve-replay", str(p), "--policy", "session-tiering", "--slo-tpot-ms", "1000", "--max-users", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)["search"][0]
-    assert found["policy"] == "adaptive" and found["max_users"] == 2 and found["capped"]
-    proc = run_cli("serve-replay", str(p), "--policy", "arc", "--users", "3")
+    assert found["policy"] == "session-tiering" and found["max_users"] == 2 and found["capped"]
+    proc = run_cli("serve-replay", str(p), "--policy", "vllm-arc", "--users", "3")
     assert proc.returncode == 0, proc.stderr
     assert "TPOT p50 / p99 ms" in proc.stdout and "3 users" in proc.stdout

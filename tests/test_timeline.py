@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from llamatier.errors import LlamatierError
-from llamatier.hardware import LINK_NAMES, TIER_NAMES, load_profile
+from llamatier.hardware import load_profile
 from llamatier.replay import ReplayOptions, compare, replay
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.timeline import TID_STEPS, timeline_events, write_timeline
 
 POLICIES = ["static", "lru", "adaptive", "oracle"]

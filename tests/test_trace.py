@@ -90,9 +90,9 @@ def test_sliding_window_layers_see_only_their_window(tiny_gemma_model, tmp_path)
 
 @pytest.mark.gemma
 def test_gemma_sliding_window_layers_get_no_mass_outside_window(gemma_model, tmp_path) -> None:
-    from llamatier.workloads import builtin_workload
+    from llamatier.demo import builtin_prompt
 
-    text = builtin_workload()[:3200]  # ~700 tokens: past Gemma's 512-token window
+    text = builtin_prompt()[:3200]  # ~700 tokens: past Gemma's 512-token window
     trace_model(gemma_model, tmp_path / "gemma", prompt=text, n_predict=6, n_batch=512, positions=True)
     tr = load_trace(tmp_path / "gemma", positions=True)
     g = tr.model.geometry

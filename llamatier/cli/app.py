@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from llamatier.errors import LlamatierError
+from llamatier.errors import LlamatierDeprecationWarning, LlamatierError
 
 try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -52,6 +53,7 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -64,7 +66,19 @@ def cli_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                show = warnings.showwarning
+
+                def note(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+                    """A deprecated name the user typed: one ``note:`` line on stderr."""
+                    if issubclass(category, LlamatierDeprecationWarning):
+                        err_console.print(f"[yellow]note:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+                    else:
+                        show(message, category, *rest, **kw)
+
+                warnings.showwarning = note
+                warnings.simplefilter("default", LlamatierDeprecationWarning)
+                return fn(*args, **kwargs)
         except LlamatierError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:

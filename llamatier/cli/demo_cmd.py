@@ -27,16 +27,16 @@ def demo(
     """Trace Gemma 3 270M (from the `demo` extra) on a built-in workload and print every report."""
     from llamatier.cli.sweep_cmd import _print_tables
     from llamatier.cli.trace_cmd import _default_threads, run_with_progress
-    from llamatier.geometry_presets import resolve_geometry
+    from llamatier.demo import builtin_prompt, demo_model_path
     from llamatier.hardware import load_profile
-    from llamatier.inspect import inspect_trace, render_inspection
     from llamatier.replay import compare, prepare
-    from llamatier.report import compare_renderables, print_renderables
+    from llamatier.replay.report import compare_renderables, print_renderables
     from llamatier.sweep import make_cells, parse_budgets, rows_frame, run_cells
     from llamatier.sweep.cells import peak_kv_bytes
+    from llamatier.target import resolve_geometry
     from llamatier.trace import load_trace
+    from llamatier.trace.summary import inspect_trace, render_inspection
     from llamatier.trace.tracer import TraceConfig, validate_config
-    from llamatier.workloads import builtin_workload, demo_model_path
 
     t0 = time.perf_counter()
     # Bad options fail now, not after the trace has run.
@@ -49,7 +49,7 @@ def demo(
     model = demo_model_path()
     out = out or Path("llamatier-demo") / time.strftime("%Y%m%d-%H%M%S")
     cfg = TraceConfig(
-        model_path=model, out_dir=out, prompt=builtin_workload(), prompt_source="builtin:workload.txt",
+        model_path=model, out_dir=out, prompt=builtin_prompt(), prompt_source="builtin:workload.txt",
         n_predict=n_predict, n_ctx=2048, n_batch=512,
         n_threads=threads if threads is not None else _default_threads(),
         command=f"llamatier demo --out {out}",

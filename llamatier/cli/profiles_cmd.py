@@ -6,7 +6,8 @@ import typer
 from rich.table import Table
 
 from llamatier.cli.app import app, cli_errors, console, print_json
-from llamatier.hardware import LINK_NAMES, TIER_NAMES, Profile, list_profiles, load_profile
+from llamatier.hardware import Profile, list_profiles, load_profile
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.units import format_bytes, format_seconds
 
 profiles_app = typer.Typer(

@@ -9,6 +9,8 @@ import typer
 
 from llamatier.cli.app import app, cli_errors, console, print_json
 from llamatier.errors import LlamatierError
+from llamatier.registry import POLICIES
+from llamatier.replay import DEFAULT_POLICIES
 
 PROFILE_HELP = "Hardware profile: a built-in name (llamatier profiles) or a path to a profile TOML."
 GEOMETRY_HELP = (
@@ -31,8 +33,8 @@ def _options(
     prefetch: bool,
     swa_full: bool,
 ) -> Any:
-    from llamatier.geometry_presets import resolve_geometry
     from llamatier.replay import ReplayOptions
+    from llamatier.target import resolve_geometry
     from llamatier.units import parse_size_bytes
 
     return ReplayOptions(
@@ -51,7 +53,7 @@ def _options(
 
 
 def _quality(path: Path | None, kv: str) -> tuple[dict | None, str | None]:
-    """Look up the measured accuracy of the K/V pair (issue 4's quality files), if asked."""
+    """Look up the measured accuracy of the K/V pair in a file written by `llamatier quality`, if asked."""
     if path is None:
         return None, None
     if not path.exists():
@@ -119,7 +121,7 @@ TimelineOpt = Annotated[Path | None, typer.Option("--timeline", help="Write the 
 @cli_errors
 def replay(
     trace: TraceArg,
-    policy: str = typer.Option("adaptive", "--policy", "-p", help="Placement policy: static, lru, adaptive, oracle."),
+    policy: str = typer.Option("adaptive", "--policy", "-p", help=f"Placement policy: {POLICIES.help_names()}."),
     profile: ProfileOpt = "a100-40g",
     hbm_budget: HbmBudgetOpt = None,
     dram_budget: DramBudgetOpt = None,
@@ -138,8 +140,8 @@ def replay(
     timeline: TimelineOpt = None,
 ) -> None:
     """Replay a trace under one placement policy and report latency, bytes, tiers and energy."""
-    from llamatier import report
     from llamatier.replay import replay as run_replay
+    from llamatier.replay import report
 
     opts = _options(hbm_budget=hbm_budget, dram_budget=dram_budget, kv_type=kv_type, geometry=geometry,
                     block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
@@ -163,7 +165,9 @@ def replay(
 @cli_errors
 def compare(
     trace: TraceArg,
-    policies: str = typer.Option("static,lru,adaptive,oracle", "--policies", help="Comma-separated policies to compare."),
+    policies: str = typer.Option(
+        ",".join(DEFAULT_POLICIES), "--policies", help=f"Comma-separated policies to compare, of: {POLICIES.help_names()}."
+    ),
     profile: ProfileOpt = "a100-40g",
     hbm_budget: HbmBudgetOpt = None,
     dram_budget: DramBudgetOpt = None,
@@ -182,8 +186,8 @@ def compare(
     timeline: TimelineOpt = None,
 ) -> None:
     """Compare placement policies side by side on one trace, with ratios against llama.cpp's static placement."""
-    from llamatier import report
     from llamatier.replay import compare as run_compare
+    from llamatier.replay import report
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:

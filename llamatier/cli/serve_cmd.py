@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from llamatier.cli.app import app, cli_errors, console, print_json
+from llamatier.registry import SERVING_POLICIES
 from llamatier.serving import (
     DEFAULT_SERVING_POLICIES,
     build_context,
@@ -29,7 +30,7 @@ def serve_replay(
     workload: Path = typer.Argument(..., help="Workload TOML (see docs/serving.md and examples/workloads/)."),
     policy: list[str] = typer.Option(
         list(DEFAULT_SERVING_POLICIES), "--policy", "-p",
-        help="Serving policy (repeat for several): llamacpp-server, lru, arc, adaptive.",
+        help=f"Serving policy (repeat for several): {SERVING_POLICIES.help_names()}.",
     ),
     profile: str = typer.Option(None, "--profile", help="Hardware profile (overrides the workload's)."),
     users: int = typer.Option(None, "--users", help="Concurrent users (overrides users.count)."),

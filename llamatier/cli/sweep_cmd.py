@@ -8,6 +8,8 @@ import typer
 
 from llamatier.cli.app import app, cli_errors, console, err_console, print_json
 from llamatier.errors import LlamatierError
+from llamatier.registry import EXECUTORS, POLICIES
+from llamatier.replay import DEFAULT_POLICIES
 
 GEOMETRY_HELP = "What-if model: a geometry preset (e.g. llama3-8b) or a .gguf whose header gives the KV geometry."
 
@@ -16,7 +18,9 @@ GEOMETRY_HELP = "What-if model: a geometry preset (e.g. llama3-8b) or a .gguf wh
 @cli_errors
 def sweep(
     trace: Path = typer.Argument(..., help="Trace directory written by `llamatier trace`."),
-    policies: str = typer.Option("static,lru,adaptive,oracle", "--policies", help="Comma-separated placement policies."),
+    policies: str = typer.Option(
+        ",".join(DEFAULT_POLICIES), "--policies", help=f"Comma-separated placement policies, of: {POLICIES.help_names()}."
+    ),
     hbm_budget: str = typer.Option(
         "10%..100%", "--hbm-budget",
         help="HBM budgets for KV: % of the trace's peak KV bytes or sizes; lists and ranges, e.g. 10%..100%, 1GiB,2GiB, auto.",
@@ -34,6 +38,9 @@ def sweep(
     prefetch: bool = typer.Option(False, "--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time."),
     swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes (default: usable cores)."),
+    executor: str = typer.Option(
+        "processes", "--executor", help=f"Where the cells run: {EXECUTORS.help_names()}."
+    ),
     out: Path = typer.Option(Path("sweep.parquet"), "--out", "-o", help="Parquet file for the rows (one per cell)."),
     plot: Path = typer.Option(None, "--plot", help="Also draw p99 latency vs HBM budget to FILE.png or FILE.svg."),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of tables."),
@@ -63,6 +70,7 @@ def sweep(
 
     check_out_path(out, overwrite=force)
     check_jobs(jobs)
+    EXECUTORS.canonical(executor)  # a typo fails here, listing the valid names
     if plot is not None:
         from llamatier.plots import check_plot_path
 
@@ -80,7 +88,7 @@ def sweep(
     ) as bar:
         task = bar.add_task("sweep", total=len(cells))
         try:
-            rows = run_cells(cells, jobs=jobs, progress=lambda done, total: bar.update(task, completed=done, total=total))
+            rows = run_cells(cells, executor=executor, jobs=jobs, progress=lambda done, total: bar.update(task, completed=done, total=total))
         except SweepInterrupted as exc:
             kept = f"the {len(exc.rows)} finished rows are in {write_results(rows_frame(exc.rows), out)}" if exc.rows else "no cell had finished"
             raise LlamatierError(f"{exc}: {kept}; run the sweep again for the rest", exit_code=130) from None

@@ -73,8 +73,8 @@ def trace(
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="Stop decoding at end-of-generation tokens."),
 ) -> None:
     """Run MODEL through llama.cpp and record per-step KV attention and timings."""
+    from llamatier.demo import builtin_prompt, read_prompt_file
     from llamatier.trace.tracer import TraceConfig, validate_config
-    from llamatier.workloads import builtin_workload, read_prompt_file
 
     if prompt is not None and prompt_file is not None:
         raise LlamatierError("give either --prompt or --prompt-file, not both")
@@ -83,7 +83,7 @@ def trace(
     elif prompt is not None:
         text, source = prompt, "argument"
     else:
-        text, source = builtin_workload(), "builtin:workload.txt"
+        text, source = builtin_prompt(), "builtin:workload.txt"
     if capture not in ("auto", "c", "python", "off"):
         raise LlamatierError(f"unknown --capture {capture!r}: use auto, c, python or off")
     if out is None:
@@ -129,8 +129,8 @@ def inspect(
     layer: int = typer.Option(None, "--layer", help="With --plot: steps x KV blocks of this one layer instead."),
 ) -> None:
     """Summarise a trace: model, steps, context, KV bytes per token, attention concentration."""
-    from llamatier.inspect import inspect_trace, render_inspection
     from llamatier.trace import load_trace
+    from llamatier.trace.summary import inspect_trace, render_inspection
 
     if plot is not None:
         from llamatier.plots import check_plot_path

@@ -11,17 +11,9 @@ from llamatier.hardware.loader import (
     profile_from_dict,
     resolve_profile_path,
 )
-from llamatier.hardware.profile import (
-    COMPUTE_DEVICES,
-    LINK_ENDS,
-    LINK_NAMES,
-    TIER_NAMES,
-    Compute,
-    Link,
-    Profile,
-    Tier,
-)
+from llamatier.hardware.profile import COMPUTE_DEVICES, Compute, Link, Profile, Tier
 from llamatier.hardware.writer import profile_to_toml
+from llamatier.tiers import LINK_ENDS, LINK_NAMES, TIER_NAMES
 
 __all__ = [
     "COMPUTE_DEVICES",

@@ -15,16 +15,8 @@ from typing import Any
 
 from llamatier.errors import LlamatierError, ProfileError
 from llamatier.hardware.hostmodel import HostComputeModel
-from llamatier.hardware.profile import (
-    COMPUTE_DEVICES,
-    LINK_ENDS,
-    LINK_NAMES,
-    TIER_NAMES,
-    Compute,
-    Link,
-    Profile,
-    Tier,
-)
+from llamatier.hardware.profile import COMPUTE_DEVICES, Compute, Link, Profile, Tier
+from llamatier.tiers import LINK_ENDS, LINK_NAMES, TIER_NAMES
 from llamatier.units import parse_size_bytes
 
 try:

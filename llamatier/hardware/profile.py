@@ -11,14 +11,8 @@ from typing import Any
 
 from llamatier.errors import ProfileError
 from llamatier.hardware.hostmodel import HostComputeModel
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 
-TIER_NAMES = ("hbm", "dram", "ssd", "remote")  # fastest to slowest
-LINK_NAMES = ("hbm_dram", "dram_ssd", "dram_remote")  # SSD and remote reach HBM only through DRAM
-LINK_ENDS: dict[str, tuple[str, str]] = {
-    "hbm_dram": ("hbm", "dram"),
-    "dram_ssd": ("dram", "ssd"),
-    "dram_remote": ("dram", "remote"),
-}
 COMPUTE_DEVICES = ("gpu", "host")
 
 

@@ -13,7 +13,8 @@ from llamatier.hardware.loader import (
     TIER_FIELDS,
     FieldSpec,
 )
-from llamatier.hardware.profile import LINK_NAMES, TIER_NAMES, Profile
+from llamatier.hardware.profile import Profile
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 
 
 def _toml_value(value: Any) -> str:

@@ -9,7 +9,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from llamatier.errors import LlamatierError
-from llamatier.hardware import TIER_NAMES
 from llamatier.plots.common import (
     TIER_COLORS,
     bytes_unit,
@@ -19,6 +18,7 @@ from llamatier.plots.common import (
     policy_label,
     wants_log,
 )
+from llamatier.tiers import TIER_NAMES
 
 
 def _results(what: Any) -> list[Any]:

@@ -1,19 +1,14 @@
 """KV placement policies: one small interface (base.Policy), a registry, and the built-ins.
 
 Built-ins register themselves exactly as a plug-in would; third-party packages
-add policies through the ``llamatier.policies`` entry-point group.
+add policies through the ``llamatier.policies`` entry-point group (see
+:mod:`llamatier.registry`). The tier vocabulary (``HBM``, ``MoveTiming``, ...)
+is :mod:`llamatier.tiers`.
 """
 
-# Built-ins: importing the modules registers them.
-from llamatier.policies.adaptive import AdaptivePolicy  # noqa: E402
+from llamatier.policies.adaptive import AdaptivePolicy
 from llamatier.policies.base import (
-    ABSENT,
-    DRAM,
     ENTRY_POINT_GROUP,
-    HBM,
-    N_TIERS,
-    REMOTE,
-    SSD,
     UNCHANGED,
     CapacityExhausted,
     Policy,
@@ -27,9 +22,11 @@ from llamatier.policies.base import (
     policy_names,
     register_policy,
 )
-from llamatier.policies.lru import LRUPolicy  # noqa: E402
-from llamatier.policies.oracle import OraclePolicy  # noqa: E402
-from llamatier.policies.static import StaticPolicy  # noqa: E402
+from llamatier.policies.lru import LRUPolicy
+from llamatier.policies.oracle import OraclePolicy
+from llamatier.policies.static import StaticPolicy
+from llamatier.registry import POLICIES
+from llamatier.tiers import ABSENT, DRAM, HBM, N_TIERS, REMOTE, SSD, MoveTiming
 
 __all__ = [
     "ABSENT",
@@ -37,12 +34,14 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "HBM",
     "N_TIERS",
+    "POLICIES",
     "REMOTE",
     "SSD",
     "UNCHANGED",
     "AdaptivePolicy",
     "CapacityExhausted",
     "LRUPolicy",
+    "MoveTiming",
     "OraclePolicy",
     "Policy",
     "StartDecision",

@@ -20,12 +20,11 @@ flagged so that the cost model hides them behind compute (idle link time).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llamatier.policies.base import (
-    N_TIERS,
     CapacityExhausted,
     Policy,
     StartDecision,
@@ -33,6 +32,10 @@ from llamatier.policies.base import (
     StepView,
     register_policy,
 )
+from llamatier.tiers import N_TIERS, MoveTiming
+
+if TYPE_CHECKING:
+    from llamatier.replay.context import ReplayContext
 
 
 def top_k_indices(candidates: np.ndarray, priority: np.ndarray, k: int, *, largest: bool) -> np.ndarray:
@@ -96,7 +99,7 @@ class AdaptivePolicy(Policy):
             "prefetch": self._prefetch,
         }
 
-    def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
+    def start(self, ctx: ReplayContext) -> StartDecision:
         L, NB = ctx.n_layers, ctx.n_blocks
         self.caps = np.asarray(ctx.capacity_bytes, dtype=np.float64)
         self.sizes = np.repeat(ctx.block_bytes, NB)
@@ -198,7 +201,7 @@ class AdaptivePolicy(Policy):
         if self.sparse and view.decode:
             read_mask = self._select(view, p)
         return StepDecision(
-            placement=placement, read_mask=read_mask, move_timing="prefetch" if self._prefetch else "demand"
+            placement=placement, read_mask=read_mask, move_timing=MoveTiming.PREFETCH if self._prefetch else MoveTiming.DEMAND
         )
 
     def _displace(self, view: StepView, P: np.ndarray, p: np.ndarray, new_idx: np.ndarray, budget: int) -> int:

@@ -13,7 +13,8 @@ The calls, in order::
 
 Built-in policies register with :func:`register_policy` exactly as third-party
 ones do; packages can also expose policies through the ``llamatier.policies``
-entry-point group (name = policy name, value = ``module:Class``).
+entry-point group (name = policy name, value = ``module:Class``); see
+:mod:`llamatier.registry`.
 """
 
 from __future__ import annotations
@@ -25,16 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from llamatier.errors import LlamatierError
+from llamatier.registry import POLICIES
+from llamatier.tiers import ABSENT, N_TIERS, MoveTiming
 
 if TYPE_CHECKING:
     from llamatier.replay.context import ReplayContext
-
-HBM, DRAM, SSD, REMOTE = 0, 1, 2, 3
-N_TIERS = 4
-ABSENT = -1  # placement value of a block that holds no KV (not yet written, or freed)
-
-MOVE_TIMINGS = ("demand", "prefetch", "free")
-DRAM_READ_MODES = ("host", "fetch", "auto")
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ class StepDecision:
     read_mask: np.ndarray | None = None
     moves_bytes: np.ndarray | None = None  # float64 [4, 4]
     moves_count: np.ndarray | None = None  # float64 [4, 4]
-    move_timing: str = "demand"  # "demand": on the critical path; "prefetch": may hide behind compute; "free": a bound
+    move_timing: MoveTiming | str = MoveTiming.DEMAND  # when the moves are paid for (a MoveTiming or its name)
 
 
 UNCHANGED = StepDecision()
@@ -114,9 +110,7 @@ class Policy(ABC):
         return {}
 
 
-_REGISTRY: dict[str, type[Policy]] = {}
-_ENTRY_POINTS_LOADED = False
-ENTRY_POINT_GROUP = "llamatier.policies"
+ENTRY_POINT_GROUP = POLICIES.entry_point_group
 
 
 def register_policy(cls: type[Policy] | None = None, *, name: str | None = None, replace: bool = False) -> Any:
@@ -124,64 +118,22 @@ def register_policy(cls: type[Policy] | None = None, *, name: str | None = None,
 
     Registering a taken name raises unless ``replace=True``.
     """
-
-    def _register(c: type[Policy]) -> type[Policy]:
-        if not (isinstance(c, type) and issubclass(c, Policy)):
-            raise LlamatierError(f"{c!r} is not a Policy subclass: derive from llamatier.policies.Policy")
-        key = (name or c.name or "").strip().lower()
-        if not key:
-            raise LlamatierError(f"policy class {c.__name__} has no name: set the class attribute `name`")
-        if key in _REGISTRY and _REGISTRY[key] is not c and not replace:
-            raise LlamatierError(f"a policy named {key!r} is already registered ({_REGISTRY[key].__name__})")
-        _REGISTRY[key] = c
-        return c
-
-    return _register(cls) if cls is not None else _register
-
-
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name.lower() in _REGISTRY:
-            continue
-        try:
-            cls = ep.load()
-        except Exception as exc:  # a broken plug-in must not break the built-ins
-            raise LlamatierError(
-                f"policy plug-in {ep.name!r} ({ep.value}) failed to load: {exc}; fix or uninstall it"
-            ) from None
-        register_policy(cls, name=ep.name)
+    return POLICIES.register(cls, name=name, replace=replace)
 
 
 def policy_names() -> list[str]:
     """Registered policy names (built-ins and plug-ins)."""
-    _load_entry_points()
-    return sorted(_REGISTRY)
+    return POLICIES.names()
 
 
 def get_policy(name: str) -> type[Policy]:
     """The policy class registered as ``name``; the error lists the valid names."""
-    _load_entry_points()
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise LlamatierError(f"unknown policy {name!r}: valid policies are {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[key]
+    return POLICIES.get(name)
 
 
 def make_policy(policy: str | type[Policy] | Policy, **params: Any) -> Policy:
     """A fresh policy instance from a name, a class or an instance (instances are used as given)."""
-    if isinstance(policy, Policy):
-        return policy
-    cls = get_policy(policy) if isinstance(policy, str) else policy
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise LlamatierError(f"bad parameters for policy {cls.name!r}: {exc}") from None
+    return POLICIES.create(policy, **params)
 
 
 # -- helpers shared by policies ------------------------------------------------------

@@ -20,12 +20,12 @@ Capacity is counted in slots of one block: a tier of C bytes holds
 floor(C / block_bytes) blocks (when layers' blocks differ in size, every slot
 is sized for the largest, so no tier ever overflows). When a step's accesses
 are not in stack order (sparse mode), the step runs through
-:func:`llamatier.reference.lru_step_reference`, one access at a time.
+:func:`llamatier.policies.lru_reference.lru_step_reference`, one access at a time.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,10 @@ from llamatier.policies.base import (
     default_read_selection,
     register_policy,
 )
+from llamatier.policies.lru_reference import lru_step_reference
+
+if TYPE_CHECKING:
+    from llamatier.replay.context import ReplayContext
 
 
 def lru_slots(capacity_bytes: np.ndarray, block_bytes: np.ndarray) -> np.ndarray:
@@ -76,7 +80,7 @@ class LRUPolicy(Policy):
     def params(self) -> dict[str, Any]:
         return {}
 
-    def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
+    def start(self, ctx: ReplayContext) -> StartDecision:
         self.ctx = ctx
         L, NB = ctx.n_layers, ctx.n_blocks
         self.sizes = np.repeat(ctx.block_bytes, NB)  # per flat index
@@ -184,8 +188,6 @@ class LRUPolicy(Policy):
         self.pos_of[stack] = np.arange(stack.size)
 
     def _slow_step(self, view: StepView, acc: np.ndarray, read_mask: np.ndarray | None) -> StepDecision:
-        from llamatier.reference import lru_step_reference
-
         stack, P, read_tier, mb, mc = lru_step_reference(
             list(self.stack.tolist()), acc.tolist(), view.alive, self.sizes, self.cumslots
         )

@@ -19,7 +19,7 @@ comparison, not a policy one could run.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,8 +32,11 @@ from llamatier.policies.base import (
     register_policy,
 )
 
+if TYPE_CHECKING:
+    from llamatier.replay.context import ReplayContext
 
-def oracle_reads(ctx) -> np.ndarray:  # noqa: ANN001 - ReplayContext
+
+def oracle_reads(ctx: ReplayContext) -> np.ndarray:
     """bool [S, L, NB]: blocks the oracle reads at each step."""
     S, L, NB = ctx.n_steps, ctx.n_layers, ctx.n_blocks
     b = np.arange(NB)[None, None, :]
@@ -65,7 +68,7 @@ class OraclePolicy(Policy):
     def params(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
 
-    def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
+    def start(self, ctx: ReplayContext) -> StartDecision:
         self.reads = oracle_reads(ctx)
         # priority[s] = K * read[s] + gamma * value[s + 1]: this step's reads first (moves are free, so
         # only they cost time now; K exceeds any future value), then the discounted future reads

@@ -15,11 +15,11 @@ min(n_ctx, pad256(window + n_ubatch)) cells) and never moves it:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from llamatier.policies.base import (
-    DRAM,
-    HBM,
     UNCHANGED,
     Policy,
     StartDecision,
@@ -27,7 +27,11 @@ from llamatier.policies.base import (
     StepView,
     register_policy,
 )
+from llamatier.tiers import DRAM, HBM
 from llamatier.units import format_bytes
+
+if TYPE_CHECKING:
+    from llamatier.replay.context import ReplayContext
 
 
 @register_policy
@@ -44,7 +48,7 @@ class StaticPolicy(Policy):
     def params(self) -> dict[str, object]:
         return {"mode": self.mode} if self.mode else {}
 
-    def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
+    def start(self, ctx: ReplayContext) -> StartDecision:
         mode = self.mode or ctx.options.static_mode
         L, NB = ctx.n_layers, ctx.n_blocks
         per_layer = ctx.reserved_bytes_per_layer().astype(np.float64)
@@ -70,7 +74,7 @@ class StaticPolicy(Policy):
             return self._does_not_run(ctx, what)
         return self._layers(ctx, per_layer, what)
 
-    def _layers(self, ctx, per_layer: np.ndarray, what: str) -> StartDecision:  # noqa: ANN001
+    def _layers(self, ctx: ReplayContext, per_layer: np.ndarray, what: str) -> StartDecision:
         """-ngl k: the last k layers (weights + KV) on the GPU, the rest on the host."""
         L, NB = ctx.n_layers, ctx.n_blocks
         w_layer = ctx.target.weight_bytes / L
@@ -95,7 +99,7 @@ class StaticPolicy(Policy):
             verdict=f"KV does not fit HBM: -ngl {k} of {L} layers on the GPU, {L - k} (weights, KV, compute) on the host ({what})",
         )
 
-    def _does_not_run(self, ctx, what: str) -> StartDecision:  # noqa: ANN001
+    def _does_not_run(self, ctx: ReplayContext, what: str) -> StartDecision:
         cap = ctx.capacity_bytes
         return StartDecision(
             placement=np.full((ctx.n_layers, ctx.n_blocks), DRAM, dtype=np.int8),

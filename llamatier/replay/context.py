@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llamatier.errors import LlamatierError
-from llamatier.geometry_presets import TargetModel, map_layers, target_from_model_info
-from llamatier.hardware import TIER_NAMES, Profile
+from llamatier.hardware import Profile
 from llamatier.kvtypes import KVType, kv_type, parse_kv_pair
 from llamatier.replay.options import ReplayOptions
+from llamatier.target import TargetModel, map_layers, target_from_model_info
+from llamatier.tiers import TIER_NAMES
 from llamatier.trace import Trace
 from llamatier.units import format_bytes
 

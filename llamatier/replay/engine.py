@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llamatier.cost import MOVE_TIMING_INDEX, StepTraffic
+from llamatier.cost import StepTraffic
 from llamatier.errors import LlamatierError
-from llamatier.hardware import TIER_NAMES
 from llamatier.policies.base import (
-    N_TIERS,
     Policy,
     StartDecision,
     StepDecision,
@@ -26,6 +24,7 @@ from llamatier.policies.base import (
     default_read_selection,
 )
 from llamatier.replay.context import ReplayContext
+from llamatier.tiers import N_TIERS, TIER_NAMES, MoveTiming
 from llamatier.units import format_bytes
 
 _CAPACITY_SLACK = 1e-9  # relative tolerance on budget checks (float sums of byte counts)
@@ -240,9 +239,10 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
         _write_counts(ctx, s, read_tier, write_bytes[s], write_blocks[s])
         if new is not no_blocks:
             alloc[s] = np.bincount(read_tier[new].astype(np.int64), weights=bb_full[new], minlength=4)
-        k = MOVE_TIMING_INDEX.get(dec.move_timing)
-        if k is None:
-            raise LlamatierError(f"policy {policy.name!r} gave move timing {dec.move_timing!r}: use demand, prefetch or free")
+        try:
+            k = MoveTiming.parse(dec.move_timing)
+        except ValueError:
+            raise LlamatierError(f"policy {policy.name!r} gave move timing {dec.move_timing!r}: use demand, prefetch or free") from None
         if dec.moves_bytes is not None:
             move_bytes[s, k] = dec.moves_bytes
             move_count[s, k] = dec.moves_count if dec.moves_count is not None else 0.0

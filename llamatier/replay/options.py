@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamatier.errors import LlamatierError
-from llamatier.geometry_presets import TargetModel
 from llamatier.kvtypes import parse_kv_pair
+from llamatier.target import TargetModel
+from llamatier.tiers import DRAM_READ_MODES
 
 MODES = ("lossless", "sparse")
 STATIC_MODES = ("nkvo", "layers")
@@ -43,7 +44,7 @@ class ReplayOptions:
             raise LlamatierError("--block-budget only applies with --mode sparse (lossless reads every block)")
         if self.static_mode not in STATIC_MODES:
             raise LlamatierError(f"unknown static mode {self.static_mode!r}: use nkvo or layers")
-        if self.dram_reads not in ("host", "fetch", "auto"):
+        if self.dram_reads not in DRAM_READ_MODES:
             raise LlamatierError(f"unknown DRAM read mode {self.dram_reads!r}: use host, fetch or auto")
         for name in ("hbm_budget_bytes", "dram_budget_bytes", "ssd_budget_bytes", "remote_budget_bytes"):
             v = getattr(self, name)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from llamatier.cost import StepCosts
-from llamatier.hardware import LINK_NAMES, TIER_NAMES
 from llamatier.replay.engine import EngineRecord
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamatier.errors import LlamatierError
+from llamatier.registry import SERVING_POLICIES
 from llamatier.serving.context import ServingContext, build_context
+from llamatier.serving.policies import ServingPolicy
 from llamatier.serving.result import ServeResult
 from llamatier.serving.run import serve
 from llamatier.serving.workload import WorkloadSpec
@@ -47,7 +49,7 @@ class CapacityResult:
 
 def find_max_users(
     spec: WorkloadSpec,
-    policy: str,
+    policy: str | type[ServingPolicy] | ServingPolicy,
     *,
     slo_tpot_s: float | None = None,
     slo_ttft_s: float | None = None,
@@ -64,6 +66,8 @@ def find_max_users(
     if start < 1 or max_search < start:
         raise LlamatierError(f"search bounds must satisfy 1 <= start <= max ({start}, {max_search})")
     spec = spec.with_users(start).with_overrides(slo_tpot_s=tpot, slo_ttft_s=ttft)
+    if isinstance(policy, str):
+        policy = SERVING_POLICIES.canonical(policy)  # an unknown name fails before the first trial
     ctx = context or build_context(spec)
     trials: list[dict[str, Any]] = []
     results: dict[int, ServeResult] = {}
@@ -105,7 +109,7 @@ def find_max_users(
             else:
                 hi = mid
     return CapacityResult(
-        policy=str(policy),
+        policy=policy if isinstance(policy, str) else policy.name,
         slo_tpot_s=tpot,
         slo_ttft_s=ttft,
         max_users=lo,

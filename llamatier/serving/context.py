@@ -17,13 +17,13 @@ import numpy as np
 
 from llamatier.cost import CostModel
 from llamatier.errors import LlamatierError
-from llamatier.geometry_presets import TargetModel, resolve_geometry
 from llamatier.hardware import Profile, load_profile
 from llamatier.kvtypes import KVType
 from llamatier.policies import StartDecision
 from llamatier.replay import ReplayOptions, cost_model_for, prepare
 from llamatier.serving.plan import TraceShape, trace_shape
 from llamatier.serving.workload import WorkloadError, WorkloadSpec
+from llamatier.target import TargetModel, resolve_geometry
 from llamatier.trace import Trace, load_trace
 from llamatier.units import format_bytes
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from llamatier.hardware import LINK_NAMES, TIER_NAMES
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.units import format_bytes
 
 

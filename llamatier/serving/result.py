@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from llamatier.hardware import LINK_NAMES, TIER_NAMES
 from llamatier.serving.engine import ServeRecord
 from llamatier.serving.plan import Plan
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 
 
 def _pct(x: np.ndarray, q: float) -> float:

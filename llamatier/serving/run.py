@@ -16,7 +16,7 @@ from llamatier.serving.workload import WorkloadSpec, load_workload
 
 def serve(
     workload: WorkloadSpec | str | Path,
-    policy: str | type[ServingPolicy] | ServingPolicy = "adaptive",
+    policy: str | type[ServingPolicy] | ServingPolicy = "session-tiering",
     *,
     profile: str | Profile | None = None,
     users: int | None = None,

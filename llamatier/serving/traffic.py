@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llamatier.cost import StepTraffic
-
-N_TIERS = 4
+from llamatier.tiers import N_TIERS, N_TIMINGS
 
 
 @dataclass
@@ -52,8 +51,8 @@ class TrafficBuffer:
             read_tokens=np.zeros((k, n_layers)),
             write_bytes=z.copy(),
             write_blocks=z.copy(),
-            move_bytes=np.zeros((k, 3, N_TIERS, N_TIERS)),
-            move_count=np.zeros((k, 3, N_TIERS, N_TIERS)),
+            move_bytes=np.zeros((k, N_TIMINGS, N_TIERS, N_TIERS)),
+            move_count=np.zeros((k, N_TIMINGS, N_TIERS, N_TIERS)),
             n_tokens=np.zeros(k, dtype=np.int64),
             ctx_tokens=np.zeros(k, dtype=np.int64),
         )

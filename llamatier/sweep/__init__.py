@@ -1,17 +1,24 @@
 """Budget sweeps: replay every combination of profile, KV type, policy and HBM budget.
 
 Each cell is a frozen :class:`SweepCell`; :func:`run_cell` turns it into one
-row, a pure function of the cell, so cells run on any executor. Rows go to one
+row, a pure function of the cell, so cells run on any executor
+(:mod:`llamatier.sweep.executors`). Rows go to one
 Parquet file (:func:`write_results`), one row per cell.
 """
 
 from llamatier.sweep.budgets import BudgetPoint, parse_budgets
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, peak_kv_bytes, run_cell, summary_row
+from llamatier.sweep.executors import (
+    FuturesExecutor,
+    ProcessExecutor,
+    SerialExecutor,
+    SweepExecutor,
+    default_jobs,
+)
 from llamatier.sweep.runner import (
     SweepInterrupted,
     check_jobs,
     check_out_path,
-    default_jobs,
     make_cells,
     read_results,
     rows_frame,
@@ -24,7 +31,11 @@ from llamatier.sweep.tables import facet_tables
 __all__ = [
     "ROW_SCHEMA",
     "BudgetPoint",
+    "FuturesExecutor",
+    "ProcessExecutor",
+    "SerialExecutor",
     "SweepCell",
+    "SweepExecutor",
     "SweepInterrupted",
     "check_jobs",
     "check_out_path",

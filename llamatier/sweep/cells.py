@@ -18,8 +18,9 @@ import numpy as np
 import polars as pl
 
 from llamatier.errors import LlamatierError
-from llamatier.hardware import LINK_NAMES, TIER_NAMES, Profile, load_profile
+from llamatier.hardware import Profile, load_profile
 from llamatier.sweep.budgets import BudgetPoint
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.trace import Trace, load_trace
 
 
@@ -76,7 +77,7 @@ def _profile(name: str) -> Profile:
 
 @lru_cache(maxsize=16)
 def _geometry(name: str) -> Any:
-    from llamatier.geometry_presets import resolve_geometry
+    from llamatier.target import resolve_geometry
 
     return resolve_geometry(name)
 

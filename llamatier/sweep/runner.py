@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import os
-import signal
-import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +12,12 @@ import polars as pl
 
 from llamatier.errors import LlamatierError
 from llamatier.outpaths import check_output_file
+from llamatier.registry import EXECUTORS
 from llamatier.sweep.budgets import BudgetPoint
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, _geometry, _profile, _trace, run_cell
+from llamatier.sweep.executors import FuturesExecutor, SweepExecutor
 
 ProgressFn = Callable[[int, int], None]  # (cells done, cells total)
-
-
-def default_jobs() -> int:
-    """Worker processes by default: the cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _split(values: str | Sequence[str] | None) -> list[str | None]:
@@ -126,101 +115,44 @@ def check_jobs(jobs: int | None) -> None:
         raise LlamatierError(f"--jobs must be >= 1 (got {jobs})")
 
 
-def _pool(jobs: int) -> ProcessPoolExecutor:
-    # forkserver: workers do not inherit the parent's threads (the progress bar's) or llama.cpp state
-    methods = multiprocessing.get_all_start_methods()
-    method = "forkserver" if "forkserver" in methods else "spawn"
-    if method == "forkserver":
-        _start_forkserver_without_sigint()
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context(method))
-
-
-def _start_forkserver_without_sigint() -> None:
-    """Start the forkserver with SIGINT ignored, so that sweep workers never see Ctrl-C.
-
-    A terminal sends SIGINT to its whole foreground process group, workers included: a worker
-    hit while importing or waiting for a cell printed a multi-line traceback. An ignored signal
-    stays ignored across fork and exec (Python then installs no KeyboardInterrupt handler), so
-    the forkserver and every worker it forks ignore SIGINT; the parent alone handles Ctrl-C and
-    stops the workers. SIGINT is blocked meanwhile, so a Ctrl-C in that moment is delivered
-    here once the handler is back (Linux keeps a blocked signal pending even while ignored).
-    """
-    from multiprocessing import forkserver
-
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        forkserver.ensure_running()  # only the main thread may change signal handlers
-        return
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def _stop_workers(pool: Executor) -> None:
-    """Terminate a process pool's workers (they ignore Ctrl-C; running cells are abandoned)."""
-    processes = getattr(pool, "_processes", None) or {}
-    for proc in list(processes.values()):
-        if proc.is_alive():
-            proc.terminate()
-
-
 def run_cells(
     cells: Sequence[SweepCell],
     *,
-    executor: Executor | None = None,
+    executor: str | SweepExecutor | Executor | None = None,
     jobs: int | None = None,
     progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell; rows come back in cell order, each with its ``cell`` index.
 
-    ``executor``: any ``concurrent.futures.Executor`` (it is used, not shut
-    down), e.g. a cluster backend's. Without one, ``jobs`` worker processes run
-    the cells (default: usable cores); ``jobs=1`` runs them in this process.
-    Workers start through forkserver (polars and llama.cpp hold threads that
-    fork would copy mid-lock), so a script that calls this needs the usual
-    ``if __name__ == "__main__":`` guard.
+    ``executor``: a registered executor name (``serial``, ``processes``, or a
+    plug-in's), a :class:`SweepExecutor`, or any ``concurrent.futures.Executor``
+    (used, not shut down). Default: ``processes`` with ``jobs`` workers
+    (default: usable cores); ``jobs=1`` runs the cells in this process.
     """
     n = len(cells)
     check_jobs(jobs)
+    runner = _executor(executor, jobs)
     rows: list[dict[str, Any] | None] = [None] * n
     done = 0
     if progress:
         progress(0, n)
     try:
-        if executor is None and (min(jobs or default_jobs(), n) <= 1):
-            for i, cell in enumerate(cells):
-                rows[i] = run_cell(cell)
-                done += 1
-                if progress:
-                    progress(done, n)
-        else:
-            own = executor is None
-            pool = executor if executor is not None else _pool(min(jobs or default_jobs(), n))
-            try:
-                futures = {pool.submit(run_cell, cell): i for i, cell in enumerate(cells)}
-                for fut in as_completed(futures):
-                    rows[futures[fut]] = fut.result()
-                    done += 1
-                    if progress:
-                        progress(done, n)
-            except BrokenProcessPool:
-                raise LlamatierError(
-                    "a sweep worker process died before finishing its cell: in a script, call run_cells under "
-                    "`if __name__ == '__main__':` (workers re-import the main module), or run with jobs=1"
-                ) from None
-            except KeyboardInterrupt:
-                if own:
-                    _stop_workers(pool)
-                raise
-            finally:
-                if own:
-                    pool.shutdown(cancel_futures=True)
+        for i, row in runner.run(run_cell, cells):
+            rows[i] = row
+            done += 1
+            if progress:
+                progress(done, n)
     except KeyboardInterrupt:
         raise SweepInterrupted([{"cell": i, **r} for i, r in enumerate(rows) if r is not None], n) from None
     return [{"cell": i, **r} for i, r in enumerate(rows) if r is not None]
+
+
+def _executor(executor: str | SweepExecutor | Executor | None, jobs: int | None) -> SweepExecutor:
+    if executor is None:
+        executor = "processes"
+    if isinstance(executor, Executor):
+        return FuturesExecutor(executor)
+    return EXECUTORS.create(executor, jobs=jobs)
 
 
 def rows_frame(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
@@ -280,7 +212,7 @@ def read_results(path: str | Path) -> pl.DataFrame:
 def sweep(
     trace_path: str | Path,
     *,
-    executor: Executor | None = None,
+    executor: str | SweepExecutor | Executor | None = None,
     jobs: int | None = None,
     progress: ProgressFn | None = None,
     **cell_args: Any,

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from llamatier.errors import LlamatierError
+from llamatier.registry import SERVING_POLICIES
+from llamatier.tiers import N_TIERS, N_TIMINGS, MoveTiming
 
 if TYPE_CHECKING:
     from llamatier.serving.context import ServingContext
     from llamatier.serving.plan import Plan
     from llamatier.serving.requests import Request
 
-HBM, DRAM, SSD, REMOTE = 0, 1, 2, 3
-DEMAND, PREFETCH = 0, 1  # move timings, as in llamatier.cost.MOVE_TIMING_INDEX
 N_SEGMENTS = 3  # layout segments per sequence: shared prefix, lower part, upper part
 
 
@@ -50,8 +50,8 @@ class ServingPolicy(ABC):
     dram_reads: ClassVar[str] = "fetch"  # how the cost model reads DRAM-resident KV: "host", "fetch", "auto"
 
     def __init__(self) -> None:
-        self._moves_bytes = np.zeros((3, 4, 4))
-        self._moves_count = np.zeros((3, 4, 4))
+        self._moves_bytes = np.zeros((N_TIMINGS, N_TIERS, N_TIERS))
+        self._moves_count = np.zeros((N_TIMINGS, N_TIERS, N_TIERS))
 
     @abstractmethod
     def start(self, ctx: ServingContext, plan: Plan) -> str:
@@ -100,7 +100,7 @@ class ServingPolicy(ABC):
         """Verify internal invariants (tests call it; raises AssertionError)."""
 
     # -- moves -------------------------------------------------------------------------
-    def add_move(self, src: int, dst: int, n_bytes: float, transfers: float, timing: int = DEMAND) -> None:
+    def add_move(self, src: int, dst: int, n_bytes: float, transfers: float, timing: int = MoveTiming.DEMAND) -> None:
         """Record a copy of ``n_bytes`` from tier ``src`` to ``dst`` in ``transfers`` transfers."""
         if n_bytes <= 0 or src == dst:
             return
@@ -110,49 +110,24 @@ class ServingPolicy(ABC):
     def take_moves(self) -> tuple[np.ndarray, np.ndarray]:
         """Moves recorded since the last call (bytes, transfers), each [3, 4, 4]."""
         b, c = self._moves_bytes, self._moves_count
-        self._moves_bytes = np.zeros((3, 4, 4))
-        self._moves_count = np.zeros((3, 4, 4))
+        self._moves_bytes = np.zeros((N_TIMINGS, N_TIERS, N_TIERS))
+        self._moves_count = np.zeros((N_TIMINGS, N_TIERS, N_TIERS))
         return b, c
-
-
-_REGISTRY: dict[str, type[ServingPolicy]] = {}
 
 
 def register_serving_policy(cls: type[ServingPolicy]) -> type[ServingPolicy]:
     """Register a ServingPolicy subclass under ``cls.name`` (a decorator); duplicates are refused."""
-    if not (isinstance(cls, type) and issubclass(cls, ServingPolicy)):
-        raise LlamatierError(f"{cls!r} is not a ServingPolicy subclass")
-    key = cls.name.strip().lower()
-    if not key:
-        raise LlamatierError(f"serving policy class {cls.__name__} has no name: set the class attribute `name`")
-    if key in _REGISTRY and _REGISTRY[key] is not cls:
-        raise LlamatierError(f"a serving policy named {key!r} is already registered ({_REGISTRY[key].__name__})")
-    _REGISTRY[key] = cls
-    return cls
+    return SERVING_POLICIES.register(cls)
 
 
 def serving_policy_names() -> list[str]:
-    """Registered serving policy names."""
-    return sorted(_REGISTRY)
+    """Registered serving policy names (built-ins and plug-ins)."""
+    return SERVING_POLICIES.names()
 
 
 def make_serving_policy(policy: str | type[ServingPolicy] | ServingPolicy, **params: Any) -> ServingPolicy:
     """A fresh policy from a name, class or instance; an unknown name lists the valid ones."""
-    if isinstance(policy, ServingPolicy):
-        return policy
-    if isinstance(policy, str):
-        key = policy.strip().lower()
-        if key not in _REGISTRY:
-            raise LlamatierError(
-                f"unknown serving policy {policy!r}: valid policies are {', '.join(serving_policy_names())}"
-            )
-        cls = _REGISTRY[key]
-    else:
-        cls = policy
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise LlamatierError(f"bad parameters for serving policy {cls.name!r}: {exc}") from None
+    return SERVING_POLICIES.create(policy, **params)
 
 
 def uniform_layout(c: np.ndarray, n: np.ndarray, tier: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,14 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llamatier.serving.policies.base import (
-    DEMAND,
-    DRAM,
-    HBM,
     PolicyCannotRun,
     ServingPolicy,
     register_serving_policy,
     uniform_layout,
 )
+from llamatier.tiers import DRAM, HBM, MoveTiming
 from llamatier.units import format_bytes
 
 if TYPE_CHECKING:
@@ -133,7 +131,7 @@ class LlamaCppServerPolicy(ServingPolicy):
             self.cache_tokens -= self.cache.pop(s)
         if tok * self.bpt > self.cache_limit_bytes or tok > self.n_ctx:
             return
-        self.add_move(self.tier, DRAM, tok * self.bpt, self.transfers, DEMAND)
+        self.add_move(self.tier, DRAM, tok * self.bpt, self.transfers, MoveTiming.DEMAND)
         self.cache[s] = tok
         self.cache_tokens += tok
         while self.cache_tokens * self.bpt > self.cache_limit_bytes or self.cache_tokens > self.n_ctx:
@@ -161,7 +159,7 @@ class LlamaCppServerPolicy(ServingPolicy):
                 self.cache_tokens -= tok
                 if self.slot_session[slot] != req.session:
                     self._save(slot)
-                self.add_move(DRAM, self.tier, tok * self.bpt, self.transfers, DEMAND)
+                self.add_move(DRAM, self.tier, tok * self.bpt, self.transfers, MoveTiming.DEMAND)
                 keep, found_tier = c_lcp, DRAM
         if found_tier == self.tier and self.slot_session[slot] not in (-1, req.session):
             self._save(slot)

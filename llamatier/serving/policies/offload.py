@@ -26,7 +26,7 @@ from llamatier.serving.policies.paged import PagedPolicy
 class VLLMOffloadLRU(PagedPolicy):
     """vLLM offloading connector, LRU eviction in the CPU and disk tiers."""
 
-    name = "lru"
+    name = "vllm-lru"
     summary = "vLLM offloading connector: paged HBM prefix cache, write-through to DRAM then SSD, LRU eviction"
     cache_kind = "lru"
 
@@ -35,6 +35,6 @@ class VLLMOffloadLRU(PagedPolicy):
 class VLLMOffloadARC(PagedPolicy):
     """vLLM offloading connector, ARC eviction in the CPU and disk tiers."""
 
-    name = "arc"
+    name = "vllm-arc"
     summary = "vLLM offloading connector: paged HBM prefix cache, write-through to DRAM then SSD, ARC eviction"
     cache_kind = "arc"

@@ -1,4 +1,4 @@
-"""Paged KV across tiers (vLLM-style blocks): the machinery the lru, arc and adaptive policies share.
+"""Paged KV across tiers (vLLM-style blocks): the machinery the vllm-lru, vllm-arc and session-tiering policies share.
 
 KV lives in blocks of ``block_tokens`` tokens spanning all layers. Block ids:
 the shared system prompt's full blocks are ``0 .. n_prefix_blocks - 1`` and
@@ -26,16 +26,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from llamatier.errors import LlamatierError
-from llamatier.hardware import TIER_NAMES
 from llamatier.serving.policies.base import (
-    DRAM,
-    HBM,
     N_SEGMENTS,
-    PREFETCH,
     PolicyCannotRun,
     ServingPolicy,
 )
 from llamatier.serving.policies.caches import CACHE_KINDS
+from llamatier.tiers import DRAM, HBM, TIER_NAMES, MoveTiming
 from llamatier.units import format_bytes
 
 if TYPE_CHECKING:
@@ -52,7 +49,7 @@ class PagedPolicy(ServingPolicy):
     cache_kind: ClassVar[str] = "lru"
     write_through: ClassVar[bool] = True  # store every completed block one tier down as it is computed
     pin_prefix: ClassVar[bool] = False  # keep the shared prefix in the top tier for good
-    load_timing: ClassVar[int] = PREFETCH  # loads overlap the step's compute (asynchronous copies)
+    load_timing: ClassVar[int] = MoveTiming.PREFETCH  # loads overlap the step's compute (asynchronous copies)
 
     def __init__(self, tiers: tuple[str, ...] | list[str] = ("dram", "ssd")) -> None:
         super().__init__()
@@ -122,7 +119,7 @@ class PagedPolicy(ServingPolicy):
         return t
 
     # -- tier operations -----------------------------------------------------------------
-    def store_lower(self, tier: int, keys: list[int], src: int, timing: int = PREFETCH) -> None:
+    def store_lower(self, tier: int, keys: list[int], src: int, timing: int = MoveTiming.PREFETCH) -> None:
         """Copy blocks into a lower tier's cache; what it evicts goes one tier further down."""
         cache = self.caches.get(tier)
         if cache is None or not keys:
@@ -144,7 +141,7 @@ class PagedPolicy(ServingPolicy):
         self.present[evicted] &= ~bit
         nxt = [t for t in self.lower if t > tier]
         if nxt:
-            self.store_lower(nxt[0], evicted, tier, PREFETCH)
+            self.store_lower(nxt[0], evicted, tier, MoveTiming.PREFETCH)
 
     def evict_top(self, k: int) -> None:
         """Free ``k`` top-tier blocks from the head of the eviction queue."""
@@ -273,7 +270,7 @@ class PagedPolicy(ServingPolicy):
         first = self.lower[0]
         for i in np.flatnonzero(f1 > f0).tolist():
             ids = self.seq_ids[batch[i].rid][int(f0[i]) : int(f1[i])]
-            self.store_lower(first, ids.tolist(), self.top, PREFETCH)
+            self.store_lower(first, ids.tolist(), self.top, MoveTiming.PREFETCH)
 
     def release(self, req: Request) -> None:
         self.release_blocks(req)

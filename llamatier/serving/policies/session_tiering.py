@@ -1,4 +1,8 @@
-"""The project's hot/warm/cold placement applied across sessions.
+"""Session tiering: hot/warm/cold placement of whole sessions across the tiers.
+
+It ranks sessions by whether they run, wait or went idle and for how long; it
+never reads attention mass (that is the replay's ``adaptive`` policy, which
+places blocks by the attention they received).
 
 Built on the paged machinery (:mod:`llamatier.serving.policies.paged`):
 
@@ -32,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llamatier.hardware import TIER_NAMES
-from llamatier.serving.policies.base import DEMAND, DRAM, SSD, register_serving_policy
+from llamatier.serving.policies.base import register_serving_policy
 from llamatier.serving.policies.paged import PagedPolicy
+from llamatier.tiers import DRAM, SSD, TIER_NAMES, MoveTiming
 from llamatier.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
@@ -47,10 +51,10 @@ DEFAULT_SPILL_BUDGET_S = 0.020
 
 
 @register_serving_policy
-class AdaptiveServingPolicy(PagedPolicy):
+class SessionTieringPolicy(PagedPolicy):
     """Hot/warm/cold across sessions: pinned prefix, write-back, cold detection, bounded spill of running KV."""
 
-    name = "adaptive"
+    name = "session-tiering"
     summary = "hot (running + shared prefix) in HBM, warm idle sessions in DRAM, cold ones to SSD; bounded DRAM spill"
     dram_reads = "auto"
     write_through = False
@@ -157,7 +161,7 @@ class AdaptiveServingPolicy(PagedPolicy):
                 self.present[i] &= ~self.topbit
                 self.used_top -= 1
                 if not p & int(bit):
-                    self.add_move(self.top, DRAM, self.bb, 1, DEMAND)
+                    self.add_move(self.top, DRAM, self.bb, 1, MoveTiming.DEMAND)
             elif p & int(bit):
                 pass
             elif j < n_hit:  # found on SSD/remote: staged into DRAM
@@ -183,7 +187,7 @@ class AdaptiveServingPolicy(PagedPolicy):
         self.present[i] = (self.present[i] & ~self.topbit) | np.uint8(1 << DRAM)
         self.pin[i] -= 1
         self.used_top -= 1
-        self.add_move(self.top, DRAM, self.bb, 1, DEMAND)
+        self.add_move(self.top, DRAM, self.bb, 1, MoveTiming.DEMAND)
         self.seq_low[best] += 1
         self.low_active += 1
         self.caches[DRAM].remove([i])

@@ -3,9 +3,9 @@
 It drives the same policies through the same interface as the vectorised
 engine, but counts every block read, write, move and allocation in explicit
 loops and costs each step with scalar formulas written out again (not calling
-llamatier.cost). Tests check that both engines agree on small traces. It also
-holds the per-access LRU (:func:`lru_step_reference`, :class:`ReferenceLRU`)
-that the vectorised LRU is checked against.
+llamatier.cost). Tests check that both engines agree on small traces; it is
+a test oracle, not imported by the production path. The per-access LRU the
+vectorised LRU is checked against is :mod:`llamatier.policies.lru_reference`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,8 @@ import numpy as np
 
 from llamatier.cost import StepCosts, StepTraffic
 from llamatier.errors import LlamatierError
-from llamatier.hardware import LINK_NAMES, TIER_NAMES, Profile
-from llamatier.policies.base import (
-    N_TIERS,
-    CapacityExhausted,
-    Policy,
-    StartDecision,
-    StepDecision,
-    StepView,
-    default_read_selection,
-)
+from llamatier.hardware import Profile
+from llamatier.policies.base import Policy, StepView, default_read_selection
 from llamatier.replay import (
     ReplayOptions,
     ReplayResult,
@@ -37,108 +29,8 @@ from llamatier.replay import (
 )
 from llamatier.replay.context import ReplayContext
 from llamatier.replay.engine import EngineRecord, capacity_of
+from llamatier.tiers import LINK_NAMES, N_TIERS, TIER_NAMES, MoveTiming, link_ends, links_crossed
 from llamatier.trace import Trace
-
-MOVE_KINDS = {"demand": 0, "prefetch": 1, "free": 2}
-
-
-# -- per-access LRU ----------------------------------------------------------------------
-
-
-def _tier_at(position: int, cum_slots: list[float]) -> int:
-    t = 0
-    while t < N_TIERS and position > cum_slots[t]:
-        t += 1
-    if t == N_TIERS:
-        raise CapacityExhausted(position, cum_slots[-1])
-    return t
-
-
-def lru_step_reference(
-    stack: list[int], accesses: list[int], alive: np.ndarray, sizes: np.ndarray, cum_slots: np.ndarray
-) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One step of the tiered LRU, access by access (see llamatier.policies.lru for the rules).
-
-    ``cum_slots`` are the cumulative block slots per tier. Returns the new stack,
-    the placement after the step, the tier each access was served from, and
-    the [4, 4] move bytes and counts.
-    """
-    slots = [float(x) for x in cum_slots]
-    alive_flat = alive.ravel()
-    tier_start = {e: _tier_at(i + 1, slots) for i, e in enumerate(stack)}
-    current = list(stack)
-    tier_access: dict[int, int] = {}
-    tier_top: dict[int, int] = {}
-    for k in accesses:
-        if k in tier_start:
-            i = current.index(k)
-            tier_access[k] = _tier_at(i + 1, slots)
-            del current[i]
-        current.insert(0, k)
-        tier_top[k] = _tier_at(1, slots)
-    tier_end = {e: _tier_at(i + 1, slots) for i, e in enumerate(current)}
-    mb = np.zeros((4, 4))
-    mc = np.zeros((4, 4))
-
-    def move(a: int, b: int, e: int) -> None:
-        if a != b:
-            mb[a, b] += float(sizes[e])
-            mc[a, b] += 1
-
-    accessed = set(accesses)
-    for k in accesses:
-        if k in tier_access:
-            move(tier_start[k], tier_access[k], k)
-            move(tier_access[k], tier_top[k], k)
-        move(tier_top[k], tier_end[k], k)
-    for e in stack:
-        if e not in accessed and alive_flat[e]:
-            move(tier_start[e], tier_end[e], e)
-    while current and not alive_flat[current[-1]]:
-        current.pop()
-    placement = np.full(alive.shape, -1, dtype=np.int8)
-    pf = placement.ravel()
-    for e in current:
-        if alive_flat[e]:
-            pf[e] = tier_end[e]
-    read_tier = placement.copy()
-    rf = read_tier.ravel()
-    for k in accesses:
-        rf[k] = tier_top[k]
-    return current, placement, read_tier, mb, mc
-
-
-class ReferenceLRU(Policy):
-    """The tiered LRU computed access by access in plain Python (for cross-checks)."""
-
-    name = "lru"
-    summary = "reference per-access LRU"
-
-    def start(self, ctx: ReplayContext) -> StartDecision:
-        self.sizes = np.repeat(ctx.block_bytes, ctx.n_blocks)
-        slot = float(np.max(ctx.block_bytes))
-        self.cum_slots = np.cumsum([c // slot for c in ctx.capacity_bytes])
-        self.stack: list[int] = []
-        self.sparse = ctx.options.mode == "sparse"
-        self.budget = int(ctx.options.block_budget or 0)
-        return StartDecision(
-            placement=np.full((ctx.n_layers, ctx.n_blocks), -1, dtype=np.int8),
-            dram_reads="fetch",
-            verdict="LRU over all tiers, fetch into HBM on access",
-        )
-
-    def decide(self, view: StepView) -> StepDecision:
-        read_mask = None
-        L, NB = view.alive.shape
-        if self.sparse and view.decode:
-            read_mask = default_read_selection(view, self.budget)
-            want = read_mask | view.new_blocks
-        else:
-            want = view.visible
-        accesses = [layer * NB + b for layer in range(L) for b in range(NB) if want[layer, b]]
-        self.stack, P, rt, mb, mc = lru_step_reference(self.stack, accesses, view.alive, self.sizes, self.cum_slots)
-        return StepDecision(placement=P, read_tier=rt, read_mask=read_mask, moves_bytes=mb, moves_count=mc)
-
 
 # -- the engine ----------------------------------------------------------------------------
 
@@ -228,7 +120,7 @@ def run_reference(ctx: ReplayContext, policy: Policy) -> EngineRecord:
                     if not 0 <= int(P_new[layer, b]) < N_TIERS:
                         raise LlamatierError(f"policy {policy.name!r} left a stored block without a tier at step {s}")
                     stored[s, int(P_new[layer, b])] += blk[layer]
-        k = MOVE_KINDS[dec.move_timing]
+        k = MoveTiming.parse(dec.move_timing)
         if dec.moves_bytes is not None:
             move_bytes[s, k] = dec.moves_bytes
             move_count[s, k] = dec.moves_count
@@ -253,23 +145,6 @@ def run_reference(ctx: ReplayContext, policy: Policy) -> EngineRecord:
 
 # -- scalar cost model ------------------------------------------------------------------------
 
-_PARENT = {0: None, 1: 0, 2: 1, 3: 1}  # hbm <- dram <- ssd, remote
-
-
-def _links_crossed(a: int, b: int) -> list[tuple[int, int]]:
-    """(link index, 0 up / 1 down) crossed going from tier a to tier b."""
-    def chain(t: int) -> list[int]:
-        out = [t]
-        while _PARENT[out[-1]] is not None:
-            out.append(_PARENT[out[-1]])
-        return out
-
-    ca, cb = chain(a), chain(b)
-    common = next(t for t in ca if t in cb)
-    link_of = {1: 0, 2: 1, 3: 2}
-    return [(link_of[t], 0) for t in ca[: ca.index(common)]] + [(link_of[t], 1) for t in cb[: cb.index(common)]]
-
-
 def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, dram_reads: str,
                     host_model_args: dict[str, Any] | None) -> StepCosts:
     """Cost every step with scalar formulas (the equations of docs/replay.md, written out again)."""
@@ -281,7 +156,7 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
     host_only = profile.is_host_only
     host_layers = [True] * L if host_only else (
         [False] * L if record.start.host_layers is None else [bool(x) for x in record.start.host_layers])
-    ends = [(0, 1), (1, 2), (1, 3)]
+    ends = link_ends()
     rate = [[0.0, 0.0] for _ in range(3)]
     fixed = [0.0] * 3
     for i, lk in enumerate(links):
@@ -310,7 +185,7 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
         def cross(a: int, b: int, nbyte: float, count: float, timing: int, busy=busy, nbytes=nbytes) -> None:  # noqa: ANN001
             if a == b or (nbyte == 0 and count == 0):
                 return
-            for li, d in _links_crossed(a, b):
+            for li, d in links_crossed(a, b):
                 busy[timing][li][d] += nbyte / rate[li][d] + count * fixed[li]
                 nbytes[li][d] += nbyte
 

@@ -15,8 +15,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from llamatier.hardware import LINK_NAMES, TIER_NAMES
 from llamatier.kvtypes import kv_type
+from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.units import format_bytes, format_seconds
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from llamatier.errors import LlamatierError
 
 
-def builtin_workload() -> str:
+def builtin_prompt() -> str:
     """A ~1,500-token (Gemma tokenizer) document-plus-question prompt shipped with llamatier."""
     return resources.files("llamatier").joinpath("data/workload.txt").read_text(encoding="utf-8")
 
