@@ -1,6 +1,6 @@
-"""`python -m llamatier` runs the CLI."""
+"""`python -m llamatier` runs the CLI (commands that run llama.cpp under a crash supervisor)."""
 
-from llamatier.cli import main
+from llamatier.supervise import main
 
 if __name__ == "__main__":
     main()

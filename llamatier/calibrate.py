@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llamatier.engines.llamacpp.repack import repack_state
 from llamatier.errors import LlamatierError
 from llamatier.hardware import (
     HostComputeModel,
@@ -52,6 +53,7 @@ class StepData:
     trace_names: tuple[str, ...] = ()
     model_names: tuple[str, ...] = ()
     model_weight_bytes: tuple[int, ...] = ()
+    weight_repack: str = ""  # "on" / "off": llama.cpp's CPU weight repacking in every trace (never mixed)
 
     @property
     def n(self) -> int:
@@ -62,8 +64,9 @@ def steps_from_traces(traces: Sequence[Trace]) -> StepData:
     """Flatten the step tables of ``traces`` (and their context settings) into arrays."""
     if not traces:
         raise LlamatierError("no traces given: pass at least one trace directory")
+    repack = one_repack_setting(traces)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in StepData.__dataclass_fields__ if k not in (
-        "trace_names", "model_names", "model_weight_bytes")}
+        "trace_names", "model_names", "model_weight_bytes", "weight_repack")}
     names, models, weights = [], [], []
     for i, tr in enumerate(traces):
         ctx = tr.context
@@ -98,7 +101,28 @@ def steps_from_traces(traces: Sequence[Trace]) -> StepData:
         trace_names=tuple(names),
         model_names=tuple(models),
         model_weight_bytes=tuple(weights),
+        weight_repack="on" if repack else "off",
     )
+
+
+def one_repack_setting(traces: Sequence[Trace]) -> bool:
+    """The weight-repacking setting all ``traces`` share; a one-line error when they mix both.
+
+    Traces that did not record it ran with llama.cpp's default (repacking on).
+    """
+    states = [repack_state(tr.meta) for tr in traces]
+    if len(set(states)) > 1:
+        def names(on: bool) -> str:
+            picked = [str(tr.path or f"trace{i}") for i, (tr, s) in enumerate(zip(traces, states, strict=True))
+                      if s == on]
+            return ", ".join(picked[:3]) + (f" and {len(picked) - 3} more" if len(picked) > 3 else "")
+
+        raise LlamatierError(
+            f"the traces mix llama.cpp runs with CPU weight repacking on ({names(True)}) and off ({names(False)}): "
+            "repacked weights change step times, so one host model cannot describe both; calibrate each "
+            "group separately (`llamatier inspect TRACE` shows a trace's setting)"
+        )
+    return states[0] if states else True
 
 
 def infer_kv_pad_cells(data: StepData) -> tuple[int, float]:
@@ -309,6 +333,7 @@ def fit_host_model(
         fit_median_ape=stats["all"]["median_ape"],
         fit_p95_ape=stats["all"]["p95_ape"],
         traces=tuple(data.trace_names),
+        weight_repack=data.weight_repack,
         notes=(
             f"fitted {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}: "
             f"{int(warm.sum())} warm-up and {int((candidates & ~keep).sum())} outlier steps dropped; "

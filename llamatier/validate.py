@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llamatier.calibrate import StepData, steps_from_traces
+from llamatier.engines.llamacpp.repack import repack_state
 from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile, load_profile, pad_kv_cells
 from llamatier.trace import load_trace
@@ -148,6 +149,13 @@ def validate_profile(
                     f"{prof.name}'s host model was fitted on {hm.model_name}, but trace {p} is of "
                     f"{tr.model.name}: a host model predicts the model it was fitted on (calibrate on "
                     "traces of this model)"
+                )
+            on = repack_state(tr.meta)
+            if hm.weight_repack and hm.weight_repack != ("on" if on else "off"):
+                raise LlamatierError(
+                    f"{prof.name}'s host model was fitted on runs with llama.cpp's CPU weight repacking "
+                    f"{hm.weight_repack}, but trace {p} ran with it {'on' if on else 'off'}: repacked weights "
+                    "change step times; validate on traces recorded the same way, or calibrate on these"
                 )
     data = steps_from_traces(traces)
     predicted = predict_steps(prof, data)

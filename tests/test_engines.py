@@ -53,7 +53,7 @@ def test_unknown_engine_lists_the_valid_names(tiny_model, tmp_path) -> None:
 
 
 def test_bad_engine_option_is_one_clear_error(tiny_model, tmp_path) -> None:
-    with pytest.raises(LlamatierError, match="bad options for engine 'llama.cpp'"):
+    with pytest.raises(LlamatierError, match="unknown llama.cpp engine option.s. n_gpu_layer: known are"):
         trace_model(tiny_model, tmp_path / "t", engine_options={"n_gpu_layer": 3})
 
 

@@ -6,7 +6,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -46,6 +46,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+# Commands that run llama.cpp (trace, demo, quality) share this option.
+RepackOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--repack/--no-repack",
+        help="Force llama.cpp's CPU weight repacking (extra buffer types, e.g. AMX) on or off. Default: "
+        "LLAMATIER_NO_REPACK (1 off, 0 on), else on unless a one-time probe crashed on this machine.",
+        show_default=False,
+    ),
+]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -57,7 +57,8 @@ def _print_fit(fit: CalibrationFit, outlier_sigmas: float = 4.0) -> None:
         f"steps: {fit.data.n} in {len(fit.data.trace_names)} traces; dropped {int(fit.warmup.sum())} warm-up and "
         f"{int(fit.outliers.sum())} outliers (> {outlier_sigmas:g} robust sigmas); {fit.iterations} fit iterations. "
         f"KV padding {hm.kv_pad_cells} cells: {pad_note}. Threads seen: "
-        f"{', '.join(map(str, hm.thread_counts))}; K types: {', '.join(hm.k_types)}; V types: {', '.join(hm.v_types)}.",
+        f"{', '.join(map(str, hm.thread_counts))}; K types: {', '.join(hm.k_types)}; V types: {', '.join(hm.v_types)}; "
+        f"llama.cpp CPU weight repacking {hm.weight_repack or 'not recorded'} in every trace.",
         highlight=False,
     )
 

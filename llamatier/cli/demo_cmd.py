@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llamatier.cli.app import app, cli_errors, console
+from llamatier.cli.app import RepackOpt, app, cli_errors, console
 from llamatier.errors import LlamatierError
 
 DEMO_POLICIES = ("static", "lru", "adaptive", "oracle")
@@ -23,6 +23,7 @@ def demo(
     profile: str = typer.Option("a100-40g", "--profile", help="Hardware profile for the replay."),
     geometry: str = typer.Option("llama3-8b", "--geometry", help="What-if KV geometry for the replay (a preset or a GGUF)."),
     budget: str = typer.Option("25%", "--hbm-budget", help="HBM budget for the side-by-side comparison (share of the KV, or a size)."),
+    repack: RepackOpt = None,
 ) -> None:
     """Trace Gemma 3 270M (from the `demo` extra) on a built-in workload and print every report."""
     from llamatier.cli.sweep_cmd import _print_tables
@@ -53,6 +54,7 @@ def demo(
         n_predict=n_predict, n_ctx=2048, n_batch=512,
         n_threads=threads if threads is not None else _default_threads(),
         command=f"llamatier demo --out {out}",
+        engine_options={"repack": repack},
     )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LlamatierError(f"--out {out} exists and is not an empty directory; give a new directory for the demo trace")

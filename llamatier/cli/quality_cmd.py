@@ -10,7 +10,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from llamatier.cli.app import app, cli_errors, console, err_console, print_json
+from llamatier.cli.app import RepackOpt, app, cli_errors, console, err_console, print_json
 
 DEFAULT_KV_TYPES = "f16,q8_0,q5_0,q4_0,iq4_nl"
 
@@ -48,6 +48,7 @@ def quality(
     ),
     out: Path = typer.Option(None, "--out", "-o", help="Directory for quality.json + quality.parquet (+ per-position Parquet)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    repack: RepackOpt = None,
 ) -> None:
     """Measure what each KV cache type costs in accuracy against f16/f16 (teacher-forced, real llama.cpp)."""
     from llamatier.quality import (
@@ -86,6 +87,7 @@ def quality(
             flash_attn=flash_attn,
             reference_flash_attn=reference_flash_attn,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            repack=repack,
         )
     written = save_quality(result, out) if out is not None else []
     if json_out:

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from llamatier.cli.app import app, cli_errors, console, print_json
+from llamatier.cli.app import RepackOpt, app, cli_errors, console, print_json
 from llamatier.errors import LlamatierError
 
 
@@ -71,6 +71,7 @@ def trace(
     chunk_steps: int = typer.Option(64, "--chunk-steps", help="Steps per Parquet chunk (what a crash can lose at most)."),
     capture: str = typer.Option("auto", "--capture", help="Capture backend: auto, c, python, off."),
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="Stop decoding at end-of-generation tokens."),
+    repack: RepackOpt = None,
 ) -> None:
     """Run MODEL through llama.cpp and record per-step KV attention and timings."""
     from llamatier.demo import builtin_prompt, read_prompt_file
@@ -109,6 +110,7 @@ def trace(
         stop_at_eos=stop_at_eos,
         overwrite=force,
         command="llamatier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        engine_options={"repack": repack},
     )
     validate_config(cfg)  # fail fast, before the progress bar
     summary = run_with_progress(cfg)

@@ -8,7 +8,9 @@ per-block mass; the writer stores them. Neither knows which engine ran.
 
 An engine is a class registered by name (see :mod:`llamatier.engines`); it is
 built as ``cls(settings, **options)`` where ``options`` are its own settings
-(llama.cpp: ``n_gpu_layers``, ``offload_kqv``, ``repack``).
+(llama.cpp: ``n_gpu_layers``, ``offload_kqv``, ``repack``). An optional
+classmethod ``check_options(options)`` lets it reject bad options before the
+tracer writes anything.
 """
 
 from __future__ import annotations

@@ -111,6 +111,9 @@ class HostComputeModel:
     fit_p95_ape: float = float("nan")
     traces: tuple[str, ...] = ()
     notes: str = ""
+    # llama.cpp's CPU weight repacking (extra buffer types) in the fitted runs: "on", "off", "" = not recorded.
+    # Repacked weights change step times, so a model predicts runs with the same setting.
+    weight_repack: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -81,6 +81,7 @@ HOST_MODEL_FIELDS: dict[str, FieldSpec] = {
     "fit_p95_ape": FieldSpec("fit_p95_ape", "float", required=False),
     "traces": FieldSpec("traces", "str_list", required=False),
     "notes": FieldSpec("notes", "str", required=False),
+    "weight_repack": FieldSpec("weight_repack", "str", rule="choice", choices=("on", "off"), required=False),
 }
 
 TOP_LEVEL_KEYS = ("name", "description", "tiers", "links", "compute")

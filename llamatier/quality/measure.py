@@ -89,6 +89,8 @@ class QualityResult:
     rows: tuple[QualityRow, ...]
     # one row per (pair, scored position): pair, type_k, type_v, pos, target, kl, top1_agree, nll, nll_ref
     positions: pl.DataFrame | None = field(default=None, repr=False, compare=False)
+    # llama.cpp's CPU weight repacking (use_extra_bufts) and why (None: not recorded)
+    repack: dict[str, Any] | None = field(default=None, compare=False)
 
     def row(self, type_k: str, type_v: str) -> QualityRow | None:
         """The row for a K/V pair (names checked against the KV type table), or None."""
@@ -278,6 +280,7 @@ def measure_quality(
     flash_attn: bool = True,
     reference_flash_attn: bool | None = None,
     progress: ProgressFn | None = None,
+    repack: bool | None = None,
 ) -> QualityResult:
     """Run llama.cpp teacher-forced over ``text`` once per K/V pair and compare with f16/f16.
 
@@ -286,6 +289,7 @@ def measure_quality(
     (default: the whole text). Every run, the f16/f16 reference included, uses the same
     flash-attention setting, so differences come from the KV types alone; give
     ``reference_flash_attn`` to measure what flash attention itself changes instead.
+    ``repack`` forces llama.cpp's CPU weight repacking on or off (None: decided safely).
     """
     pairs = parse_kv_pairs(kv_pairs)
     if batch_tokens < 1:
@@ -305,7 +309,7 @@ def measure_quality(
         text, text_source = default_text(), text_source or f"built-in {DEFAULT_TEXT_NAME}"
     text_source = text_source or "given text"
 
-    model = LlamaModel(model_path)
+    model = LlamaModel(model_path, repack=repack, n_threads=n_threads)
     contexts: list[LlamaContext] = []
     try:
         tokens = np.asarray(model.tokenize(text, add_bos=True), dtype=np.int32)
@@ -388,6 +392,7 @@ def measure_quality(
         reference_decode_s=ref_decode_s,
         rows=rows,
         positions=positions,
+        repack=model.repack.to_meta(model.model_buffers_mib),
     )
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from llamatier.engines.llamacpp.repack import describe_repack, recorded_repack, repack_state
 from llamatier.kvtypes import kv_type
 from llamatier.trace.reader import Trace
 from llamatier.units import format_bytes
@@ -129,11 +130,17 @@ def inspect_trace(trace: Trace) -> dict[str, Any]:
         },
         "attention": attention_concentration(trace),
         "capture": trace.meta.get("capture", {}),
+        "repack": {
+            "use_extra_bufts": repack_state(trace.meta),
+            "recorded": recorded_repack(trace.meta) is not None,
+            "summary": describe_repack(trace.meta),
+        },
     }
 
 
 def render_inspection(r: dict[str, Any], console: Any) -> None:
     """Rich tables for :func:`inspect_trace`'s result."""
+    from rich.markup import escape
     from rich.table import Table
 
     m, s, kv, c = r["model"], r["steps"], r["kv"], r["context"]
@@ -151,6 +158,7 @@ def render_inspection(r: dict[str, Any], console: Any) -> None:
     decode = f"decode {s['decode_tok_per_s']:.1f} tok/s (p50 {s['decode_ms_p50']:.1f} ms, p99 {s['decode_ms_p99']:.1f} ms)" if s["decode"] else "no decode steps"
     t.add_row("speed", f"prefill {s['prefill_s']:.2f} s; {decode}")
     t.add_row("KV bytes", f"{format_bytes(kv['bytes_per_token'])}/token; {format_bytes(kv['bytes_at_n_ctx'])} reserved at n_ctx; {format_bytes(kv['bytes_at_final_context'])} used")
+    t.add_row("repacking", escape(r["repack"]["summary"]))
     console.print(t)
     a = r["attention"]
     at = Table(title=f"attention concentration ({a['steps_used']} steps, blocks of {a['block_tokens']} tokens)", title_justify="left")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from llamatier import crashlog
 from llamatier.engines import (
     DEFAULT_ENGINE,
     EngineDescription,
@@ -124,7 +125,9 @@ def validate_config(cfg: TraceConfig) -> tuple[ModelInfo, KVType, KVType]:
         info.geometry.layer_bytes_per_token(layer, tk, tv)  # raises if rows do not fit the block size
     if not cfg.prompt:
         raise LlamatierError("the prompt is empty: give --prompt TEXT or --prompt-file PATH")
-    get_engine(cfg.engine)
+    check_options = getattr(get_engine(cfg.engine), "check_options", None)
+    if check_options is not None:  # an engine may check its own options before anything runs
+        check_options(cfg.engine_options)
     check_out_dir(cfg.out_dir, overwrite=cfg.overwrite)
     return info, tk, tv
 
@@ -155,6 +158,7 @@ def run_trace(cfg: TraceConfig, progress: ProgressFn | None = None) -> TraceSumm
         meta = trace_meta(cfg, info, tk, tv, len(prompt_tokens), engine.name, engine.describe())
         writer = TraceWriter(cfg.out_dir, meta, n_layers=info.n_layers, block_tokens=cfg.block_tokens,
                              chunk_steps=cfg.chunk_steps, positions=cfg.positions, overwrite=cfg.overwrite)
+        crashlog.note(trace_dir=str(cfg.out_dir))
         return _record(cfg, engine, writer, prompt_tokens, progress)
     finally:
         engine.close()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llamatier.cachedir import cache_dir
+
 _C_SOURCE = Path(__file__).with_name("capture.c")
 PREFIX = b"kq_soft_max-"
 
@@ -52,18 +54,11 @@ _ERRORS = {
 }
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("LLAMATIER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llamatier"
-    )
-    return Path(base)
-
-
 def build_c_helper() -> Path | None:
     """Compile capture.c into a cached shared library; None if no C compiler works."""
     src = _C_SOURCE.read_bytes()
     digest = hashlib.sha256(src).hexdigest()[:16]
-    out = _cache_dir() / f"ltcapture-{digest}.so"
+    out = cache_dir() / f"ltcapture-{digest}.so"
     if out.exists():
         return out
     cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]

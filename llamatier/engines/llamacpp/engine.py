@@ -2,8 +2,10 @@
 
 Flash attention is forced off (otherwise ``kq_soft_max`` never exists) and
 ``swa_full`` on (so KV cell index == token position on every layer).
-GPU placement (``n_gpu_layers``, ``offload_kqv``) is an engine option; the
-capture reads device tensors through ggml when they are not in host memory.
+GPU placement (``n_gpu_layers``, ``offload_kqv``) and CPU weight repacking
+(``repack``: True/False forces it, None decides safely, see ``repack.py``) are
+engine options; the capture reads device tensors through ggml when they are not
+in host memory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llamatier.engines.base import EngineDescription, EngineSettings, PositionMass, StepTiming
+from llamatier.errors import LlamatierError
 from llamatier.model import ModelInfo
 
 CAPTURE_NODE = "kq_soft_max-<layer>"
@@ -29,20 +32,34 @@ class LlamaCppEngine:
 
     name: ClassVar[str] = "llama.cpp"
 
-    def __init__(self, settings: EngineSettings, *, n_gpu_layers: int = 0, offload_kqv: bool = True) -> None:
+    def __init__(self, settings: EngineSettings, *, n_gpu_layers: int = 0, offload_kqv: bool = True,
+                 repack: bool | None = None) -> None:
         self.settings = settings
         self.n_gpu_layers = int(n_gpu_layers)
         self.offload_kqv = bool(offload_kqv)
+        self.repack = repack
         self.model: Any = None
         self.ctx: Any = None
         self.capture: Any = None
         self._n_layers = 0
 
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Reject unknown options and a bad ``LLAMATIER_NO_REPACK`` before anything runs."""
+        from llamatier.engines.llamacpp.repack import env_setting
+
+        unknown = sorted(set(options) - {"n_gpu_layers", "offload_kqv", "repack"})
+        if unknown:
+            raise LlamatierError(f"unknown llama.cpp engine option(s) {', '.join(unknown)}: "
+                                 "known are n_gpu_layers, offload_kqv, repack")
+        env_setting()
+
     def load(self, model_path: Path, info: ModelInfo) -> None:
         from llamatier.engines.llamacpp.session import LlamaModel
 
         self._n_layers = info.n_layers
-        self.model = LlamaModel(model_path, n_gpu_layers=self.n_gpu_layers)
+        self.model = LlamaModel(model_path, n_gpu_layers=self.n_gpu_layers, repack=self.repack,
+                                n_threads=self.settings.n_threads)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_bos=True)
@@ -100,6 +117,7 @@ class LlamaCppEngine:
             context={"flash_attn": False, "swa_full": True, "offload_kqv": self.offload_kqv,
                      "n_gpu_layers": self.n_gpu_layers},
             capture={"backend": self.capture.backend if self.capture else None, "node": CAPTURE_NODE},
+            engine={"repack": self.model.repack.to_meta(self.model.model_buffers_mib)},
             top={"system_info": system_info(), "llama_cpp_python_version": llama_cpp.__version__},
         )
 

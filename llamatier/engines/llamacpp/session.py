@@ -1,8 +1,9 @@
 """A thin, safe layer over llama-cpp-python's low-level API, shared by the tracer and quality runs.
 
-Loads a model and a context with explicit settings (flash attention, swa_full,
-KV types, cb_eval), tokenizes, decodes batches (logits for the last token, for
-every token, or for the first k: teacher forcing), reads logits and samples.
+Loads a model (weight repacking decided safely, see ``repack.py``) and a context
+with explicit settings (flash attention, swa_full, KV types, cb_eval), tokenizes,
+decodes batches (logits for the last token, for every token, or for the first k:
+teacher forcing), reads logits and samples.
 llama.cpp's log goes to one ring buffer, installed by this module alone, so
 that a failure is reported as one line quoting llama.cpp's own reason and the
 terminal stays clean.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
+import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ _LOG_LINES: deque[tuple[int, int, str]] = deque(maxlen=200)  # (sequence number,
 _LOG_SEQ = itertools.count()
 _LOG_CB: Any = None  # the CFUNCTYPE object must stay alive while llama.cpp holds it
 _BACKEND_READY = False
+_MODEL_BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
+# Weight buffers of model loads, kept apart: a large model's load logs far more lines than the ring holds.
+_BUFFER_LINES: deque[tuple[int, str, float]] = deque(maxlen=64)  # (sequence number, buffer name, MiB)
 
 
 def _install_logger() -> int:
@@ -42,7 +48,10 @@ def _install_logger() -> int:
 
         def _log(level: int, text: bytes, _ud: Any) -> None:
             try:
-                _LOG_LINES.append((next(_LOG_SEQ), int(level), text.decode("utf-8", "replace").rstrip("\n")))
+                seq, line = next(_LOG_SEQ), text.decode("utf-8", "replace").rstrip("\n")
+                _LOG_LINES.append((seq, int(level), line))
+                if "model buffer size" in line and (m := _MODEL_BUFFER_LINE.search(line)):
+                    _BUFFER_LINES.append((seq, m.group(1), float(m.group(2))))
             except Exception:
                 pass
 
@@ -100,17 +109,52 @@ class ContextSettings:
     seed: int = 42
 
 
-class LlamaModel:
-    """A loaded GGUF model (weights on the CPU)."""
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
-    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0) -> None:
+
+def _model_buffers_mib(since: int) -> dict[str, float]:
+    """llama.cpp's 'NAME model buffer size = X MiB' load lines logged at or after mark ``since``."""
+    out: dict[str, float] = {}
+    for seq, name, mib in _BUFFER_LINES:
+        if seq >= since:
+            out[name] = round(out.get(name, 0.0) + mib, 2)
+    return out
+
+
+class LlamaModel:
+    """A loaded GGUF model (weights on the CPU unless ``n_gpu_layers``).
+
+    ``repack`` chooses llama.cpp's CPU weight repacking (``use_extra_bufts``): True or False
+    forces it; None decides per :func:`~llamatier.engines.llamacpp.repack.decide_repack`
+    (``LLAMATIER_NO_REPACK``, else a cached or fresh probe run with ``n_threads`` threads).
+    The decision is kept as ``self.repack``, the weight buffers llama.cpp made as
+    ``self.model_buffers_mib``.
+    """
+
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, repack: bool | None = None,
+                 n_threads: int | None = None) -> None:
         import llama_cpp
+
+        from llamatier import crashlog
+        from llamatier.engines.llamacpp.repack import decide_repack
 
         mark = _install_logger()
         self.path = Path(path)
+        self.repack = decide_repack(self.path, n_threads=n_threads or usable_cores(), n_gpu_layers=n_gpu_layers,
+                                    requested=repack)
+        crashlog.note(llama_cpp_model=str(self.path), repack=self.repack.use_extra_bufts,
+                      repack_source=self.repack.source, repack_key=self.repack.key,
+                      extra_buffer_types=list(self.repack.extra_buffer_types))
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         mp.use_mmap = True
+        mp.use_extra_bufts = self.repack.use_extra_bufts
+        mark = _log_mark()
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if not ptr:
             why = last_log_error(mark)
@@ -120,6 +164,7 @@ class LlamaModel:
                 f"{llama_cpp.__version__})"
             )
         self.ptr = ptr
+        self.model_buffers_mib = _model_buffers_mib(mark)
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
 
