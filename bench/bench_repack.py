@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from llamatier.demo import builtin_prompt, demo_model_path
 from llamatier.engines.llamacpp.session import (
     ContextSettings,
     LlamaContext,
     LlamaModel,
     system_info,
 )
-from llamatier.workloads import builtin_workload, demo_model_path
 
 
 class Decoder:
@@ -67,7 +67,7 @@ class Decoder:
 
 def bench_python(path: Path, a: argparse.Namespace) -> dict:
     on, off = Decoder(path, True, a.threads), Decoder(path, False, a.threads)
-    tokens = on.model.tokenize(builtin_workload()[: a.prompt_chars])
+    tokens = on.model.tokenize(builtin_prompt()[: a.prompt_chars])
     prefill_s = {}
     for name, d in (("repack_on", on), ("repack_off", off)):
         t = time.perf_counter()

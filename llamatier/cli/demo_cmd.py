@@ -54,7 +54,7 @@ def demo(
         n_predict=n_predict, n_ctx=2048, n_batch=512,
         n_threads=threads if threads is not None else _default_threads(),
         command=f"llamatier demo --out {out}",
-        engine_options={"repack": repack},
+        engine_options={} if repack is None else {"repack": repack},
     )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LlamatierError(f"--out {out} exists and is not an empty directory; give a new directory for the demo trace")

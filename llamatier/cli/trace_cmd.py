@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llamatier.cli.app import RepackOpt, app, cli_errors, console, print_json
+from llamatier.engines import ENGINES
 from llamatier.errors import LlamatierError
 
 
@@ -72,6 +73,7 @@ def trace(
     capture: str = typer.Option("auto", "--capture", help="Capture backend: auto, c, python, off."),
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="Stop decoding at end-of-generation tokens."),
     repack: RepackOpt = None,
+    engine: str = typer.Option("llama.cpp", "--engine", help=f"Trace engine: {ENGINES.help_names()}."),
 ) -> None:
     """Run MODEL through llama.cpp and record per-step KV attention and timings."""
     from llamatier.demo import builtin_prompt, read_prompt_file
@@ -110,7 +112,8 @@ def trace(
         stop_at_eos=stop_at_eos,
         overwrite=force,
         command="llamatier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        engine_options={"repack": repack},
+        engine=engine,
+        engine_options={} if repack is None else {"repack": repack},
     )
     validate_config(cfg)  # fail fast, before the progress bar
     summary = run_with_progress(cfg)
