@@ -107,6 +107,8 @@ class ContextSettings:
     swa_full: bool = True
     offload_kqv: bool = True
     seed: int = 42
+    n_seq_max: int = 1  # sequences the context holds (a second one serves as a per-step view of the first)
+    kv_unified: bool = False  # one KV buffer for all sequences: copying a sequence only tags cells, no data moves
 
 
 def usable_cores() -> int:
@@ -215,7 +217,8 @@ class LlamaContext:
         cp.n_ctx = settings.n_ctx
         cp.n_batch = settings.n_batch
         cp.n_ubatch = settings.n_ubatch
-        cp.n_seq_max = 1
+        cp.n_seq_max = settings.n_seq_max
+        cp.kv_unified = settings.kv_unified
         cp.n_threads = settings.n_threads
         cp.n_threads_batch = settings.n_threads
         cp.flash_attn_type = (
@@ -242,7 +245,7 @@ class LlamaContext:
                 f"{last_log_error(mark) or 'unknown reason'}; try other KV types or a smaller --ctx"
             )
         self.ptr = ctx
-        self.batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(settings.n_batch, 0, settings.n_seq_max)
         self._sampler = None
 
     def decode(
@@ -253,8 +256,9 @@ class LlamaContext:
         logits_last: bool = True,
         logits_all: bool = False,
         logits_first: int | None = None,
+        seq_id: int = 0,
     ) -> None:
-        """Run one llama_decode over ``tokens`` at positions pos0.. (one sequence).
+        """Run one llama_decode over ``tokens`` at positions pos0.. of sequence ``seq_id``.
 
         Logits are kept for the last token (``logits_last``), for every token
         (``logits_all``), or, when ``logits_first`` is given, for the first that many
@@ -271,7 +275,7 @@ class LlamaContext:
             b.token[i] = int(tokens[i])
             b.pos[i] = pos0 + i
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
+            b.seq_id[i][0] = seq_id
             if logits_first is not None:
                 b.logits[i] = 1 if i < logits_first else 0
             else:
@@ -300,6 +304,61 @@ class LlamaContext:
 
         ptr = llama_cpp.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_vocab))
+
+    # -- the KV cache through llama.cpp's memory API ---------------------------------------
+
+    def _memory(self) -> Any:
+        import llama_cpp
+
+        return llama_cpp.llama_get_memory(self.ptr)
+
+    def remove_positions(self, seq_id: int, p0: int, p1: int) -> None:
+        """Remove sequence ``seq_id``'s KV at positions [p0, p1) from every layer (llama_memory_seq_rm).
+
+        The remaining cells keep their positions (their keys were rotated when written).
+        """
+        import llama_cpp
+
+        if not llama_cpp.llama_memory_seq_rm(self._memory(), seq_id, p0, p1):
+            raise LlamatierError(
+                f"llama.cpp refused to remove positions [{p0}, {p1}) of sequence {seq_id} "
+                "(this model's memory cannot drop part of a sequence)"
+            )
+
+    def copy_positions(self, src_seq: int, dst_seq: int, p0: int = -1, p1: int = -1) -> None:
+        """Add ``dst_seq`` to the cells of ``src_seq`` at positions [p0, p1) (-1: open end; llama_memory_seq_cp).
+
+        In a unified KV cache this tags cells only: no KV data is copied.
+        """
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_cp(self._memory(), src_seq, dst_seq, p0, p1)
+
+    def seq_pos_max(self, seq_id: int = 0) -> int:
+        """The largest position sequence ``seq_id`` holds (-1 when empty)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory(), seq_id))
+
+    def sequence_state(self, seq_id: int = 0) -> bytes:
+        """Sequence ``seq_id``'s KV cache and positions, serialised by llama.cpp (llama_state_seq_get_data)."""
+        import llama_cpp
+
+        n = int(llama_cpp.llama_state_seq_get_size(self.ptr, seq_id))
+        buf = (ctypes.c_uint8 * n)()
+        written = int(llama_cpp.llama_state_seq_get_data(self.ptr, buf, n, seq_id))
+        return bytes(buf[:written])
+
+    def load_sequence_state(self, state: bytes, seq_id: int = 0) -> None:
+        """Restore a :meth:`sequence_state` (from a context with the same model and settings) into ``seq_id``."""
+        import llama_cpp
+
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        mark = _log_mark()
+        if int(llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(state), seq_id)) != len(state):
+            raise LlamatierError(
+                f"llama.cpp could not restore a sequence state: {last_log_error(mark) or 'no detail'}"
+            )
 
     def set_sampler(self, *, temperature: float, top_k: int, seed: int) -> None:
         import llama_cpp
