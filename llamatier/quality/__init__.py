@@ -5,17 +5,15 @@ per K/V pair; ``save_quality`` writes Parquet + JSON; ``lookup_quality(file, k, 
 returns one pair's measured row for other tools (replay) to show beside the saving.
 """
 
-from llamatier.quality.measure import (
+from llamatier.quality.inputs import (
     DEFAULT_TEXT_NAME,
-    QualityResult,
-    QualityRow,
     check_pair_fits,
     default_text,
-    measure_quality,
     pair_storage,
     parse_kv_pairs,
     read_text_file,
 )
+from llamatier.quality.measure import QualityResult, QualityRow, measure_quality
 from llamatier.quality.store import (
     LOOKUP_KEYS,
     load_quality_rows,

@@ -11,7 +11,8 @@ Those are compared with a reference run whose KV cache is f16/f16:
 
 Logits are never held for the whole text (Gemma's vocabulary has 262,144
 entries): all contexts decode the same batch in lockstep, and the batch's
-rows are reduced to per-position statistics a few rows at a time.
+rows are reduced to per-position statistics a few rows at a time
+(:mod:`llamatier.quality.stats`). Input parsing lives in :mod:`llamatier.quality.inputs`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,20 @@ import polars as pl
 
 from llamatier.engines.llamacpp.session import ContextSettings, LlamaContext, LlamaModel
 from llamatier.errors import LlamatierError
-from llamatier.kvtypes import KV_TYPES, KVType, kv_type, parse_kv_pair
+from llamatier.kvtypes import KV_TYPES, KVType, kv_type
 from llamatier.model import KVGeometry, read_model_info
+from llamatier.quality.inputs import (
+    DEFAULT_TEXT_NAME,
+    KVPairSpec,
+    check_pair_fits,
+    default_text,
+    pair_name,
+    pair_storage,
+    parse_kv_pairs,
+)
+from llamatier.quality.stats import PositionStats, accuracy_summary, reduce_rows
 
-DEFAULT_TEXT_NAME = "quality_text.txt"
 REFERENCE_PAIR = ("f16", "f16")
-_ROWS_PER_REDUCTION = 8  # logits rows reduced at once: 8 x 262k x 4 B = 8 MB for Gemma
 
 ProgressFn = Callable[[int, int], None]
 
@@ -105,147 +113,10 @@ class QualityResult:
         return {k: v for k, v in asdict(self).items() if k not in ("rows", "positions")}
 
 
-def default_text() -> str:
-    """The built-in evaluation text shipped with llamatier (varied English, ~1,000 tokens)."""
-    return resources.files("llamatier").joinpath("data", DEFAULT_TEXT_NAME).read_text("utf-8")
-
-
-def read_text_file(path: str | Path) -> str:
-    """Read the user's evaluation text; a clear error when it is missing or unreadable."""
-    p = Path(path)
-    if not p.exists():
-        raise LlamatierError(f"text file not found: {p} (give a UTF-8 text file to --text-file)")
-    if p.is_dir():
-        raise LlamatierError(f"--text-file {p} is a directory; give a UTF-8 text file")
-    try:
-        return p.read_text("utf-8")
-    except UnicodeDecodeError:
-        raise LlamatierError(f"{p} is not UTF-8 text; convert it to UTF-8 first") from None
-    except OSError as exc:
-        raise LlamatierError(f"cannot read --text-file {p}: {exc.strerror or exc}") from None
-
-
-KVPairSpec = str | Sequence[str | tuple[KVType, KVType]]
-
-
-def parse_kv_pairs(spec: KVPairSpec) -> list[tuple[KVType, KVType]]:
-    """Parse 'f16,q8_0,q8_0/f16' (or a list of entries or (K, V) tuples) into unique pairs, in order."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    pairs: list[tuple[KVType, KVType]] = []
-    for item in items:
-        if isinstance(item, tuple):
-            pair = (kv_type(item[0].name if isinstance(item[0], KVType) else item[0]),
-                    kv_type(item[1].name if isinstance(item[1], KVType) else item[1]))
-        elif not str(item).strip():
-            continue
-        else:
-            pair = parse_kv_pair(str(item).strip())
-        if pair not in pairs:
-            pairs.append(pair)
-    if not pairs:
-        raise LlamatierError(
-            f"no KV types given: list types or K/V pairs, e.g. f16,q8_0,q4_0/f16 (valid types: {', '.join(KV_TYPES)})"
-        )
-    return pairs
-
-
-def pair_name(type_k: KVType, type_v: KVType) -> str:
-    return f"{type_k.name}/{type_v.name}"
-
-
-def check_pair_fits(geometry: KVGeometry, type_k: KVType, type_v: KVType, *, flash_attn: bool) -> None:
-    """Raise a one-line error if llama.cpp cannot store this model's KV in this pair."""
-    for what, t, dims in (("K", type_k, geometry.head_dim_k), ("V", type_v, geometry.head_dim_v)):
-        bad = sorted({d for d in dims if d % t.block_elements})
-        if bad:
-            raise LlamatierError(
-                f"{what} cache type {t.name} stores blocks of {t.block_elements} elements but this "
-                f"model's {what} head dim is {bad[0]}, not a multiple of {t.block_elements}: "
-                f"use f16, bf16 or f32 for {what} on this model"
-            )
-    if type_v.quantized and not flash_attn:
-        raise LlamatierError(
-            f"quantized V cache ({type_v.name}) needs flash attention in llama.cpp: run with flash "
-            "attention on (drop --no-flash-attn), or use f16 for V"
-        )
-
-
-def pair_storage(geometry: KVGeometry, type_k: KVType, type_v: KVType) -> tuple[float, float, int]:
-    """(bits per element, saving vs f16/f16, bytes per token) for a pair on this geometry."""
-    f16 = KV_TYPES["f16"]
-    n_elements = sum(
-        geometry.k_elements_per_token(i) + geometry.v_elements_per_token(i)
-        for i in range(geometry.n_layers)
-    )
-    nbytes = geometry.bytes_per_token(type_k, type_v)
-    ref_bytes = geometry.bytes_per_token(f16, f16)
-    return 8.0 * nbytes / n_elements, 1.0 - nbytes / ref_bytes, nbytes
-
-
-def _logsumexp_rows(logits: np.ndarray, buf: np.ndarray) -> np.ndarray:
-    """log(sum(exp(row))) per row, float64; leaves exp(row - max) in ``buf``."""
-    row_max = logits.max(axis=1, keepdims=True)
-    np.subtract(logits, row_max, out=buf)
-    np.exp(buf, out=buf)
-    return row_max[:, 0].astype(np.float64) + np.log(buf.sum(axis=1, dtype=np.float64))
-
-
-class _PairStats:
-    """Per-position statistics of one test context against the reference."""
-
-    def __init__(self, n_positions: int) -> None:
-        self.kl = np.zeros(n_positions, dtype=np.float64)
-        self.top1_agree = np.zeros(n_positions, dtype=bool)
-        self.nll = np.zeros(n_positions, dtype=np.float64)
-        self.decode_s = 0.0
-
-
-def _reduce_batch(
-    ref_logits: np.ndarray,
-    tests: list[tuple[np.ndarray, _PairStats]],
-    targets: np.ndarray,
-    pos0: int,
-    nll_ref: np.ndarray,
-) -> None:
-    """Turn one batch of logits rows (ref and each test) into per-position statistics.
-
-    With x the reference logits, y a test run's and p = softmax(x):
-    KL(p || softmax(y)) = sum_j p_j (x_j - y_j) - logsumexp(x) + logsumexp(y).
-    Element-wise work stays in float32 (one pass each), row sums accumulate in
-    float64: about 1e-8 nats of error, where a float64 log-softmax is 10x slower.
-    """
-    n_rows = ref_logits.shape[0]
-    for r0 in range(0, n_rows, _ROWS_PER_REDUCTION):
-        r1 = min(n_rows, r0 + _ROWS_PER_REDUCTION)
-        rows = np.arange(r1 - r0)
-        tgt = targets[r0:r1]
-        sl = slice(pos0 + r0, pos0 + r1)
-        x = ref_logits[r0:r1]
-        buf = np.empty_like(x)
-        lse_x = _logsumexp_rows(x, buf)
-        p_ref = buf / buf.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-        top_ref = x.argmax(axis=1)
-        nll_ref[sl] = lse_x - x[rows, tgt]
-        for logits, st in tests:
-            y = logits[r0:r1]
-            lse_y = _logsumexp_rows(y, buf)
-            np.subtract(x, y, out=buf)
-            buf *= p_ref
-            st.kl[sl] = buf.sum(axis=1, dtype=np.float64) - lse_x + lse_y
-            st.top1_agree[sl] = y.argmax(axis=1) == top_ref
-            st.nll[sl] = lse_y - y[rows, tgt]
-
-
 def _summarise(
-    pk: KVType, pv: KVType, st: _PairStats, nll_ref: np.ndarray, geometry: KVGeometry
+    pk: KVType, pv: KVType, st: PositionStats, nll_ref: np.ndarray, geometry: KVGeometry
 ) -> QualityRow:
-    n = st.kl.size
     bits, saving, nbytes = pair_storage(geometry, pk, pv)
-    ppl = float(np.exp(st.nll.mean()))
-    ppl_ref = float(np.exp(nll_ref.mean()))
-    nll_delta = st.nll - nll_ref  # paired: the same positions under both runs
-    nll_delta_stderr = float(nll_delta.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-    agree = float(st.top1_agree.mean())
     return QualityRow(
         pair=pair_name(pk, pv),
         type_k=pk.name,
@@ -253,17 +124,7 @@ def _summarise(
         bits_per_element=bits,
         saving_vs_f16=saving,
         kv_bytes_per_token=nbytes,
-        mean_kl=float(st.kl.mean()),
-        mean_kl_stderr=float(st.kl.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
-        median_kl=float(np.median(st.kl)),
-        p99_kl=float(np.percentile(st.kl, 99)),
-        max_kl=float(st.kl.max()),
-        top1_agreement=agree,
-        top1_agreement_stderr=float(np.sqrt(agree * (1 - agree) / n)),
-        ppl=ppl,
-        ppl_ref=ppl_ref,
-        ppl_change_pct=100.0 * (ppl / ppl_ref - 1.0),
-        ppl_change_pct_stderr=100.0 * (ppl / ppl_ref) * nll_delta_stderr,
+        **accuracy_summary(st, nll_ref),
         decode_s=st.decode_s,
     )
 
@@ -336,7 +197,7 @@ def measure_quality(
         contexts.append(LlamaContext(model, settings(f16, f16, ref_fa)))
         for pk, pv in pairs:
             contexts.append(LlamaContext(model, settings(pk, pv, flash_attn)))
-        stats = [_PairStats(n_positions) for _ in pairs]
+        stats = [PositionStats(n_positions) for _ in pairs]
         ref_decode_s = 0.0
         nll_ref = np.zeros(n_positions, dtype=np.float64)
         targets_all = tokens[1:].astype(np.int64)
@@ -351,7 +212,7 @@ def measure_quality(
                 c.decode(chunk, pos0, logits_first=n_out)
                 st.decode_s += time.perf_counter() - t0
             if n_out:
-                _reduce_batch(
+                reduce_rows(
                     contexts[0].logits_rows(n_out),
                     [(c.logits_rows(n_out), st) for c, st in zip(contexts[1:], stats, strict=True)],
                     targets_all[pos0 : pos0 + n_out],
@@ -397,7 +258,7 @@ def measure_quality(
 
 
 def _positions_frame(
-    pairs: list[tuple[KVType, KVType]], stats: list[_PairStats], targets: np.ndarray, nll_ref: np.ndarray
+    pairs: list[tuple[KVType, KVType]], stats: list[PositionStats], targets: np.ndarray, nll_ref: np.ndarray
 ) -> pl.DataFrame:
     n = targets.size
     frames = [

@@ -1,0 +1,93 @@
+"""What a quality run reads before it measures: the evaluation text, K/V type pairs and their storage.
+
+Every check here fails with one line naming the problem and the fix, before a
+model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from llamatier.errors import LlamatierError
+from llamatier.kvtypes import KV_TYPES, KVType, kv_type, parse_kv_pair
+from llamatier.model import KVGeometry
+
+DEFAULT_TEXT_NAME = "quality_text.txt"
+
+KVPairSpec = str | Sequence[str | tuple[KVType, KVType]]
+
+
+def default_text() -> str:
+    """The built-in evaluation text shipped with llamatier (varied English, ~1,000 tokens)."""
+    return resources.files("llamatier").joinpath("data", DEFAULT_TEXT_NAME).read_text("utf-8")
+
+
+def read_text_file(path: str | Path, flag: str = "--text-file") -> str:
+    """Read the user's evaluation text; a clear error when it is missing or unreadable."""
+    p = Path(path)
+    if not p.exists():
+        raise LlamatierError(f"text file not found: {p} (give a UTF-8 text file to {flag})")
+    if p.is_dir():
+        raise LlamatierError(f"{flag} {p} is a directory; give a UTF-8 text file")
+    try:
+        return p.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise LlamatierError(f"{p} is not UTF-8 text; convert it to UTF-8 first") from None
+    except OSError as exc:
+        raise LlamatierError(f"cannot read {flag} {p}: {exc.strerror or exc}") from None
+
+
+def parse_kv_pairs(spec: KVPairSpec) -> list[tuple[KVType, KVType]]:
+    """Parse 'f16,q8_0,q8_0/f16' (or a list of entries or (K, V) tuples) into unique pairs, in order."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    pairs: list[tuple[KVType, KVType]] = []
+    for item in items:
+        if isinstance(item, tuple):
+            pair = (kv_type(item[0].name if isinstance(item[0], KVType) else item[0]),
+                    kv_type(item[1].name if isinstance(item[1], KVType) else item[1]))
+        elif not str(item).strip():
+            continue
+        else:
+            pair = parse_kv_pair(str(item).strip())
+        if pair not in pairs:
+            pairs.append(pair)
+    if not pairs:
+        raise LlamatierError(
+            f"no KV types given: list types or K/V pairs, e.g. f16,q8_0,q4_0/f16 (valid types: {', '.join(KV_TYPES)})"
+        )
+    return pairs
+
+
+def pair_name(type_k: KVType, type_v: KVType) -> str:
+    return f"{type_k.name}/{type_v.name}"
+
+
+def check_pair_fits(geometry: KVGeometry, type_k: KVType, type_v: KVType, *, flash_attn: bool) -> None:
+    """Raise a one-line error if llama.cpp cannot store this model's KV in this pair."""
+    for what, t, dims in (("K", type_k, geometry.head_dim_k), ("V", type_v, geometry.head_dim_v)):
+        bad = sorted({d for d in dims if d % t.block_elements})
+        if bad:
+            raise LlamatierError(
+                f"{what} cache type {t.name} stores blocks of {t.block_elements} elements but this "
+                f"model's {what} head dim is {bad[0]}, not a multiple of {t.block_elements}: "
+                f"use f16, bf16 or f32 for {what} on this model"
+            )
+    if type_v.quantized and not flash_attn:
+        raise LlamatierError(
+            f"quantized V cache ({type_v.name}) needs flash attention in llama.cpp: run with flash "
+            "attention on (drop --no-flash-attn), or use f16 for V"
+        )
+
+
+def pair_storage(geometry: KVGeometry, type_k: KVType, type_v: KVType) -> tuple[float, float, int]:
+    """(bits per element, saving vs f16/f16, bytes per token) for a pair on this geometry."""
+    f16 = KV_TYPES["f16"]
+    n_elements = sum(
+        geometry.k_elements_per_token(i) + geometry.v_elements_per_token(i)
+        for i in range(geometry.n_layers)
+    )
+    nbytes = geometry.bytes_per_token(type_k, type_v)
+    ref_bytes = geometry.bytes_per_token(f16, f16)
+    return 8.0 * nbytes / n_elements, 1.0 - nbytes / ref_bytes, nbytes
