@@ -22,6 +22,13 @@ from llamatier.policies.base import (
     policy_names,
     register_policy,
 )
+from llamatier.policies.eviction import (
+    AdaptiveSelectPolicy,
+    EvictionPolicy,
+    H2OPolicy,
+    SnapKVPolicy,
+    StreamingPolicy,
+)
 from llamatier.policies.lru import LRUPolicy
 from llamatier.policies.oracle import OraclePolicy
 from llamatier.policies.static import StaticPolicy
@@ -37,9 +44,13 @@ __all__ = [
     "POLICIES",
     "REMOTE",
     "SSD",
+    "SnapKVPolicy",
     "UNCHANGED",
     "AdaptivePolicy",
+    "AdaptiveSelectPolicy",
     "CapacityExhausted",
+    "EvictionPolicy",
+    "H2OPolicy",
     "LRUPolicy",
     "MoveTiming",
     "OraclePolicy",
@@ -48,6 +59,7 @@ __all__ = [
     "StaticPolicy",
     "StepDecision",
     "StepView",
+    "StreamingPolicy",
     "default_read_selection",
     "fill_by_priority",
     "get_policy",

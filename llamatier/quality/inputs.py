@@ -6,9 +6,11 @@ model is loaded.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KV_TYPES, KVType, kv_type, parse_kv_pair
@@ -91,3 +93,35 @@ def pair_storage(geometry: KVGeometry, type_k: KVType, type_v: KVType) -> tuple[
     nbytes = geometry.bytes_per_token(type_k, type_v)
     ref_bytes = geometry.bytes_per_token(f16, f16)
     return 8.0 * nbytes / n_elements, 1.0 - nbytes / ref_bytes, nbytes
+
+
+def trace_prompt_text(trace: Any, prompt_file: str | Path | None = None) -> str:
+    """The exact prompt a trace was recorded with, checked against the sha256 in its meta.json.
+
+    Built-in prompts are found by name, a ``file:PATH`` prompt at PATH when it still
+    exists; otherwise (or for a prompt given as an argument) pass ``prompt_file``.
+    """
+    prompt = dict(trace.meta.get("prompt") or {})
+    want = prompt.get("sha256")
+    source = str(prompt.get("source") or "")
+    if prompt_file is not None:
+        text, where = read_text_file(prompt_file, "--prompt-file"), f"--prompt-file {prompt_file}"
+    elif source.startswith("builtin:"):
+        from llamatier.workloads import builtin_workload
+
+        if source != "builtin:workload.txt":
+            raise LlamatierError(f"the trace's prompt is {source!r}, which this llamatier does not ship; give --prompt-file")
+        text, where = builtin_workload(), source
+    elif source.startswith("file:") and Path(source[5:]).is_file():
+        text, where = read_text_file(source[5:], "--prompt-file"), source[5:]
+    else:
+        raise LlamatierError(
+            f"the trace's prompt ({source or 'unknown source'}) is not stored in the trace: give the prompt text "
+            "with --prompt-file (it is checked against the trace's sha256)"
+        )
+    if want and hashlib.sha256(text.encode()).hexdigest() != want:
+        raise LlamatierError(
+            f"the prompt from {where} is not the one the trace was recorded with (sha256 differs): "
+            "give the exact prompt file with --prompt-file"
+        )
+    return text

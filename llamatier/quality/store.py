@@ -6,6 +6,10 @@ An output directory holds:
     quality.parquet          one row per K/V pair, with the run's metadata as columns
     quality_positions.parquet  one row per (pair, scored position): kl, top1_agree, nll, nll_ref
 
+An eviction measurement (``llamatier quality --evict``) writes eviction.json,
+eviction.parquet (one row per policy and block budget) and
+eviction_positions.parquet (one row per policy, budget and scored decode step).
+
 ``lookup_quality`` reads either of the first two (or a directory holding them).
 """
 
@@ -21,6 +25,7 @@ import polars as pl
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import kv_type
 from llamatier.outpaths import make_output_dir
+from llamatier.quality.eviction import EvictionResult
 from llamatier.quality.measure import QualityResult
 
 FORMAT_NAME = "llamatier-quality"
@@ -132,3 +137,65 @@ def lookup_quality(path: str | Path, type_k: str, type_v: str) -> dict[str, Any]
         if row["type_k"] == k and row["type_v"] == v:
             return {key: row[key] for key in LOOKUP_KEYS}
     return None
+
+
+# -- eviction results ----------------------------------------------------------------------
+
+EVICTION_FORMAT = "llamatier-eviction"
+EVICTION_JSON = "eviction.json"
+EVICTION_PARQUET = "eviction.parquet"
+EVICTION_POSITIONS = "eviction_positions.parquet"
+_EVICTION_META_COLUMNS = ("model", "trace", "trace_prompt_sha256", "trace_created_utc", "block_tokens", "n_steps")
+EVICTION_KEYS = ("policy", "keep_blocks", "mean_kl", "p99_kl", "top1_agreement", "ppl_change_pct", "mass_dropped_mean")
+
+
+def eviction_to_dict(result: EvictionResult) -> dict[str, Any]:
+    """The JSON document for an eviction result (no per-step arrays)."""
+    return {
+        "format": EVICTION_FORMAT,
+        "version": FORMAT_VERSION,
+        "meta": result.meta(),
+        "rows": [asdict(r) for r in result.rows],
+    }
+
+
+def save_eviction(result: EvictionResult, out_dir: str | Path) -> list[Path]:
+    """Write eviction.json, eviction.parquet and eviction_positions.parquet; return their paths."""
+    out = make_output_dir(out_dir, "--out")
+    paths = [out / EVICTION_JSON, out / EVICTION_PARQUET]
+    meta = result.meta()
+    try:
+        paths[0].write_text(json.dumps(eviction_to_dict(result), indent=2) + "\n")
+        frame = pl.DataFrame([asdict(r) for r in result.rows])
+        frame.with_columns([pl.lit(meta[c]).alias(c) for c in _EVICTION_META_COLUMNS]).write_parquet(paths[1])
+        if result.positions is not None:
+            paths.append(out / EVICTION_POSITIONS)
+            result.positions.write_parquet(paths[2])
+    except OSError as exc:
+        raise LlamatierError(f"cannot write eviction results to {out}: {exc.strerror or exc}") from None
+    return paths
+
+
+def load_eviction_rows(path: str | Path) -> pl.DataFrame:
+    """The rows of a saved eviction result (eviction.parquet, or a directory holding it), run metadata as columns."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / EVICTION_PARQUET
+    if not p.is_file():
+        raise LlamatierError(
+            f"eviction result not found: {p} (write one with `llamatier quality MODEL --trace TRACE --evict ... --out DIR`)"
+        )
+    try:
+        frame = pl.read_parquet(p)
+    except Exception as exc:
+        raise LlamatierError(
+            f"{p} is not a llamatier eviction result (unreadable Parquet: {type(exc).__name__}); give the "
+            "eviction.parquet written by `llamatier quality --evict ... --out DIR`"
+        ) from None
+    missing = [k for k in (*EVICTION_KEYS, *_EVICTION_META_COLUMNS) if k not in frame.columns]
+    if missing or frame.height == 0:
+        raise LlamatierError(
+            f"{p} is not a llamatier eviction result ({'missing columns ' + ', '.join(missing) if missing else 'no rows'}); "
+            "give the eviction.parquet written by `llamatier quality --evict ... --out DIR`"
+        )
+    return frame
