@@ -47,7 +47,7 @@ class EvictionPlan:
     steps: np.ndarray  # int64 [D]: the trace step of each decode step
     pos: np.ndarray  # int64 [D]: position of the token each decode step reads
     kept: np.ndarray  # bool [D, n_blocks]: blocks kept (read) at each decode step
-    held: np.ndarray  # int64 [D]: blocks holding KV at each decode step (the new one included)
+    held: np.ndarray  # int64 [D]: blocks some layer can see at each decode step (the new one included)
     dropped_mass: np.ndarray  # float64 [D, n_layers]: attention mass (from the trace) on dropped visible blocks
     permanent: bool  # no dropped block is ever kept again (observed in this plan)
     kind: str  # "eviction" (the policy discards what it drops) or "selection" (it re-chooses every step)
@@ -140,7 +140,7 @@ def plan_eviction(
             f"policy {inner.name!r} dropped the block holding the previous token at step {int(steps[bad[0]])}: "
             "llama.cpp decodes position p only after p - 1, so a measurable policy keeps it"
         )
-    held = -(-(pos + 1) // B)
+    held = np.array([vis.any(axis=0).sum() for _, _, vis in rec.reads], dtype=np.int64)
     existed = np.arange(kept.shape[1])[None, :] < (pos[:-1] // B + 1)[:, None]  # blocks held at the step before
     permanent = not (kept[1:] & ~kept[:-1] & existed).any()
     return EvictionPlan(

@@ -1,0 +1,196 @@
+"""Eviction policies and their accuracy measured in real llama.cpp (tiny gemma3 model: a sliding-window
+layer and a global one), plus the policies' invariants with hypothesis on synthetic traces."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llamatier.errors import LlamatierError
+from llamatier.policies import get_policy
+from llamatier.quality import load_eviction_rows, measure_eviction, plan_eviction, save_eviction
+from llamatier.replay import ReplayOptions, replay
+from llamatier.replay.synthetic import synthetic_trace
+from llamatier.trace import load_trace
+from tests.conftest import TINY_PROMPT, assert_one_line_error, run_cli, trace_model
+
+POLICIES = ["streaming", "h2o", "snapkv", "adaptive-select"]
+N_STEPS = 24  # scored decode steps in the llama.cpp tests
+
+
+@pytest.fixture(scope="module")
+def gemma_tiny_trace(tiny_gemma_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("evict")
+    prompt = d / "prompt.txt"
+    prompt.write_text(TINY_PROMPT)
+    out = d / "trace"
+    trace_model(tiny_gemma_model, out, n_predict=N_STEPS, positions=False, prompt_source=f"file:{prompt}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(tiny_gemma_model: Path, gemma_tiny_trace: Path):
+    # keep 64 blocks: more than the trace holds, so nothing is dropped
+    return measure_eviction(tiny_gemma_model, gemma_tiny_trace, POLICIES, [3, 8, 64], n_threads=1)
+
+
+def test_removing_nothing_gives_exactly_the_full_run(result) -> None:
+    for pol in POLICIES:
+        row = result.row(pol, 64)
+        assert row.kept_fraction == 1.0 and row.mass_dropped_mean == 0.0
+        assert row.mean_kl == 0.0 and row.max_kl == 0.0
+        assert row.top1_agreement == 1.0 and row.ppl == row.ppl_ref
+        p = result.positions.filter((pl.col("policy") == pol) & (pl.col("keep_blocks") == 64))
+        assert (p["nll"] == p["nll_ref"]).all()  # bit for bit, every step
+
+
+def test_removing_blocks_changes_the_logits(result) -> None:
+    for pol in POLICIES:
+        small, mid = result.row(pol, 3), result.row(pol, 8)
+        assert small.kept_fraction < mid.kept_fraction < 1.0
+        assert small.mass_dropped_mean > 0.0 and small.mean_kl > 0.0
+        p = result.positions.filter((pl.col("policy") == pol) & (pl.col("keep_blocks") == 3))
+        assert (p["kl"] > 0).mean() > 0.9  # almost every step differs from the full cache
+        assert (p["blocks_kept"] <= 3).all() and (p["blocks_kept"] < p["blocks_held"]).all()
+    assert result.row("streaming", 3).mean_kl > result.row("streaming", 8).mean_kl
+
+
+def test_rows_match_their_steps_and_the_replay(result, gemma_tiny_trace: Path) -> None:
+    tr = load_trace(gemma_tiny_trace)
+    for r in result.rows:
+        p = result.positions.filter((pl.col("policy") == r.policy) & (pl.col("keep_blocks") == r.keep_blocks))
+        assert p.height == N_STEPS == result.n_steps
+        assert r.mean_kl == pytest.approx(p["kl"].mean(), abs=1e-15)
+        assert r.top1_agreement == pytest.approx(p["top1_agree"].mean())
+        assert r.mass_dropped_mean == pytest.approx(p["mass_dropped"].mean())
+        s = replay(tr, _profile(), r.policy, ReplayOptions(mode="sparse", block_budget=r.keep_blocks)).summary()
+        assert r.mass_dropped_mean == pytest.approx(s["attention_mass_dropped"]["mean"])  # the replay's own figure
+    assert result.row("adaptive-select", 8).kind == "selection" and result.row("h2o", 8).kind == "eviction"
+    assert not result.row("adaptive-select", 3).permanent and result.row("streaming", 3).permanent
+
+
+def test_freeing_cells_for_good_agrees_with_the_per_step_view(tiny_gemma_model: Path, gemma_tiny_trace: Path,
+                                                              result) -> None:
+    freed = measure_eviction(tiny_gemma_model, gemma_tiny_trace, "streaming,snapkv", [3, 64], n_threads=1,
+                             mechanism="evict")
+    for pol in ("streaming", "snapkv"):
+        assert freed.row(pol, 64).mean_kl == 0.0
+        a, b = freed.row(pol, 3), result.row(pol, 3)
+        assert a.mean_kl == pytest.approx(b.mean_kl, rel=1e-3)  # only the cells' order differs
+    with pytest.raises(LlamatierError, match="use --mechanism view"):
+        measure_eviction(tiny_gemma_model, gemma_tiny_trace, "adaptive-select", [3], n_threads=1, mechanism="evict")
+
+
+def test_saved_result_round_trips(result, tmp_path: Path) -> None:
+    paths = save_eviction(result, tmp_path / "ev")
+    assert [p.name for p in paths] == ["eviction.json", "eviction.parquet", "eviction_positions.parquet"]
+    rows = load_eviction_rows(tmp_path / "ev")
+    assert rows.height == len(result.rows) and set(rows["policy"]) == set(POLICIES)
+    doc = json.loads(paths[0].read_text())
+    assert doc["format"] == "llamatier-eviction" and doc["meta"]["n_steps"] == N_STEPS
+    with pytest.raises(LlamatierError, match="not a llamatier eviction result"):
+        load_eviction_rows(paths[2])
+
+
+def test_what_the_memory_api_cannot_express_is_refused(tiny_gemma_model: Path, gemma_tiny_trace: Path,
+                                                       tiny_model: Path) -> None:
+    tr = load_trace(gemma_tiny_trace)
+    with pytest.raises(LlamatierError, match="layer-uniform"):
+        plan_eviction(tr, "adaptive", 4)  # per-layer choices
+    with pytest.raises(LlamatierError, match="--block-budget >= 2"):
+        plan_eviction(tr, "h2o", 1)
+    with pytest.raises(LlamatierError, match="--mode sparse"):
+        replay(tr, _profile(), "h2o", ReplayOptions())
+    with pytest.raises(LlamatierError, match="not the model the trace was recorded with"):
+        measure_eviction(tiny_model, gemma_tiny_trace, "h2o", [4], n_threads=1)
+
+
+def test_cli_eviction_run_and_its_errors(tiny_gemma_model: Path, gemma_tiny_trace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    proc = run_cli("quality", str(tiny_gemma_model), "--trace", str(gemma_tiny_trace), "--evict", "h2o",
+                   "--keep", "4", "--steps", "6", "--threads", "1", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["meta"]["n_steps"] == 6 and doc["rows"][0]["policy"] == "h2o"
+    assert (out / "eviction.parquet").is_file()
+    assert_one_line_error(run_cli("quality", str(tiny_gemma_model), "--evict", "h2o", "--keep", "4"), "--trace")
+    assert_one_line_error(run_cli("quality", str(tiny_gemma_model), "--trace", str(gemma_tiny_trace),
+                                  "--evict", "h2o", "--keep", "4", "--kv-types", "q8_0"), "--kv-types")
+    assert_one_line_error(run_cli("quality", str(tiny_gemma_model), "--trace", str(gemma_tiny_trace),
+                                  "--evict", "h2o", "--keep", "four"), "--keep")
+    assert_one_line_error(run_cli("quality", str(tiny_gemma_model), "--trace", str(gemma_tiny_trace),
+                                  "--evict", "nope", "--keep", "4"), "unknown policy", "h2o")
+    wrong = tmp_path / "other.txt"
+    wrong.write_text("another prompt")
+    assert_one_line_error(run_cli("quality", str(tiny_gemma_model), "--trace", str(gemma_tiny_trace), "--evict",
+                                  "h2o", "--keep", "4", "--prompt-file", str(wrong)), "sha256")
+
+
+# -- the policies' invariants on synthetic traces (hypothesis) ---------------------------------
+
+
+def _profile():  # noqa: ANN202
+    from llamatier.hardware import load_profile
+
+    return load_profile("a100-40g")
+
+
+@st.composite
+def eviction_case(draw):  # noqa: ANN001, ANN201
+    block = draw(st.sampled_from([4, 8, 16]))
+    window = draw(st.sampled_from([0, 16, 40]))
+    trace = synthetic_trace(
+        n_layers=draw(st.integers(1, 3)),
+        n_prompt=draw(st.integers(1, 90)),
+        n_decode=draw(st.integers(2, 24)),
+        block_tokens=block,
+        sliding_window=window,
+        swa_pattern=2 if window else 0,
+        prefill_chunk=draw(st.sampled_from([None, 16, 32])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    return trace, draw(st.sampled_from(POLICIES)), draw(st.integers(2, 9))
+
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(case=eviction_case(), cut=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_choices_at_a_step_depend_only_on_earlier_steps(case: tuple, cut: float, seed: int) -> None:
+    trace, policy, budget = case
+    t = int(cut * (trace.n_steps - 1))
+    mass = trace.mass.copy()
+    rng = np.random.default_rng(seed)
+    future = rng.random(mass[t:].shape).astype(np.float32) * (mass[t:] > 0)  # same visible blocks, other mass
+    mass[t:] = future / np.maximum(future.sum(axis=2, keepdims=True), 1e-12)
+    a = plan_eviction(trace, policy, budget)
+    b = plan_eviction(replace(trace, mass=mass), policy, budget)
+    upto = a.steps <= t  # step t itself is decided before its attention is seen
+    np.testing.assert_array_equal(a.kept[upto], b.kept[upto])
+
+
+@SETTINGS
+@given(case=eviction_case())
+def test_budget_respected_and_current_position_never_dropped(case: tuple) -> None:
+    trace, policy, budget = case
+    plan = plan_eviction(trace, policy, budget)
+    B = trace.block_tokens
+    n = np.arange(plan.steps.size)
+    assert (plan.kept.sum(axis=1) <= budget).all()
+    assert plan.kept[n, plan.pos // B].all()  # the block the new token is written to
+    assert plan.kept[n, np.maximum(plan.pos - 1, 0) // B].all()  # and the previous token's
+    assert (plan.kept.sum(axis=1) <= plan.held).all()
+    if get_policy(policy).permanent:
+        assert plan.permanent
+    else:  # a per-step selection always uses its whole budget when there is enough to choose from
+        assert (plan.kept.sum(axis=1) == np.minimum(budget, plan.held)).all()
+    reads = plan.result.record.traffic.read_blocks.sum(axis=2)[plan.steps]  # [D, L] blocks read per layer
+    assert (reads <= budget).all()
