@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from llamatier.engines.llamacpp.session import ContextSettings, LlamaContext, LlamaModel
 from llamatier.errors import LlamatierError
-from llamatier.llama_session import ContextSettings, LlamaContext, LlamaModel
 from llamatier.model import read_model_info
 from llamatier.quality.inputs import trace_prompt_text
 from llamatier.quality.plan import EvictionPlan, plan_eviction
