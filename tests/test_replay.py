@@ -226,7 +226,7 @@ def test_cli_sparse_and_kv_type(tiny_trace_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (("--policy", "adaptiv"), ("unknown policy", "adaptive, lru, oracle, static")),
+        (("--policy", "adaptiv"), ("unknown policy", "adaptive, adaptive-select, h2o, lru, oracle")),
         (("--hbm-budget", "2XB"), ("--hbm-budget", "unknown unit")),
         (("--geometry", "llama9"), ("unknown geometry preset",)),
         (("--mode", "sparse"), ("--block-budget",)),
