@@ -19,6 +19,7 @@ from llamatier.quality import load_eviction_rows, measure_eviction, plan_evictio
 from llamatier.replay import ReplayOptions, replay
 from llamatier.replay.synthetic import synthetic_trace
 from llamatier.trace import load_trace
+from llamatier.trace.chunks import ArrayMassSource
 from tests.conftest import TINY_PROMPT, assert_one_line_error, run_cli, trace_model
 
 POLICIES = ["streaming", "h2o", "snapkv", "adaptive-select"]
@@ -172,7 +173,7 @@ def test_choices_at_a_step_depend_only_on_earlier_steps(case: tuple, cut: float,
     future = rng.random(mass[t:].shape).astype(np.float32) * (mass[t:] > 0)  # same visible blocks, other mass
     mass[t:] = future / np.maximum(future.sum(axis=2, keepdims=True), 1e-12)
     a = plan_eviction(trace, policy, budget)
-    b = plan_eviction(replace(trace, mass=mass), policy, budget)
+    b = plan_eviction(replace(trace, source=ArrayMassSource(mass)), policy, budget)
     upto = a.steps <= t  # step t itself is decided before its attention is seen
     np.testing.assert_array_equal(a.kept[upto], b.kept[upto])
 
