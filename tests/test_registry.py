@@ -55,7 +55,7 @@ def test_every_family_lists_its_builtins() -> None:
 @pytest.mark.parametrize(
     "family, typo, message",
     [
-        (POLICIES, "adaptiv", "unknown policy 'adaptiv': valid policies are adaptive, lru, oracle, static"),
+        (POLICIES, "adaptiv", "unknown policy 'adaptiv': valid policies are adaptive, adaptive-select, h2o, lru, oracle, snapkv, static, streaming"),
         (SERVING_POLICIES, "vllm-lfu", "unknown serving policy 'vllm-lfu': valid serving policies are llamacpp-server"),
         (EXECUTORS, "slurm", "unknown sweep executor 'slurm': valid sweep executors are processes, serial"),
     ],
