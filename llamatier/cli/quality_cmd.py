@@ -73,7 +73,8 @@ def quality(
                 "--evict measures dropped KV blocks on a trace's tokens: leave out --kv-types, --text-file, --ctx "
                 "and --reference-flash-attn (they apply to KV type runs)"
             )
-        _evict(model, evict, keep, trace, prompt_file, steps, mechanism, threads, bool(flash_attn), out, json_out)
+        _evict(model, evict=evict, keep=keep, trace=trace, prompt_file=prompt_file, steps=steps, mechanism=mechanism,
+               threads=threads, flash_attn=bool(flash_attn), out=out, json_out=json_out, repack=repack)
         return
     if prompt_file is not None or steps is not None:
         raise LlamatierError("--prompt-file and --steps apply to eviction runs: add --trace TRACE --evict POLICIES --keep N")
@@ -158,8 +159,9 @@ def _progress(unit: str) -> Progress:
 
 
 def _evict(
-    model: Path, evict: str | None, keep: str | None, trace: Path | None, prompt_file: Path | None,
+    model: Path, *, evict: str | None, keep: str | None, trace: Path | None, prompt_file: Path | None,
     steps: int | None, mechanism: str, threads: int | None, flash_attn: bool, out: Path | None, json_out: bool,
+    repack: bool | None,
 ) -> None:
     from llamatier.quality import eviction_to_dict, measure_eviction, save_eviction
     from llamatier.trace import load_trace
@@ -184,6 +186,7 @@ def _evict(
             model, tr, evict, keeps, prompt_file=prompt_file, steps=steps,
             n_threads=threads if threads is not None else _default_threads(), flash_attn=flash_attn,
             mechanism=mechanism, progress=lambda done, total: bar.update(task, completed=done, total=total),
+            repack=repack,
         )
     written = save_eviction(result, out) if out is not None else []
     if json_out:

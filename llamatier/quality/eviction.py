@@ -106,6 +106,8 @@ class EvictionResult:
     # one row per (policy, keep_blocks, scored step): step, pos, target, kl, top1_agree, nll, nll_ref,
     # mass_dropped, blocks_kept, blocks_held
     positions: pl.DataFrame | None = field(default=None, repr=False, compare=False)
+    # llama.cpp's CPU weight repacking (use_extra_bufts) and why
+    repack: dict[str, Any] | None = field(default=None, compare=False)
 
     def row(self, policy: str, keep_blocks: int) -> EvictionRow | None:
         for r in self.rows:
@@ -162,12 +164,14 @@ def measure_eviction(
     mechanism: str = "view",
     policy_params: dict[str, dict[str, Any]] | None = None,
     progress: ProgressFn | None = None,
+    repack: bool | None = None,
 ) -> EvictionResult:
     """Teacher-force the trace's tokens in llama.cpp once per (policy, budget), dropping what the policy drops.
 
     ``policies``: names ("h2o,streaming" or a list); ``keep_blocks``: budgets in blocks
     per layer. ``steps``: score only the first N decode steps. ``flash_attn`` applies
-    to every run (off by default, as the trace was recorded).
+    to every run (off by default, as the trace was recorded). ``repack`` forces llama.cpp's
+    CPU weight repacking on or off (None: decided safely).
     """
     if mechanism not in MECHANISMS:
         raise LlamatierError(f"unknown mechanism {mechanism!r}: use view or evict")
@@ -194,7 +198,7 @@ def measure_eviction(
     n_ctx = int(pos[-1]) + 1
     n_batch = max(n for _, n in prefill)
 
-    model = LlamaModel(model_path)
+    model = LlamaModel(model_path, repack=repack, n_threads=n_threads)
     try:
         prompt = np.asarray(model.tokenize(text, add_bos=True), dtype=np.int32)
         n_prompt = prefill[-1][0] + prefill[-1][1]
@@ -242,6 +246,7 @@ def measure_eviction(
         reference_decode_s=ref_s,
         rows=tuple(rows),
         positions=pl.concat(frames),
+        repack=model.repack.to_meta(model.model_buffers_mib),
     )
 
 
