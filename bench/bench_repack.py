@@ -68,11 +68,8 @@ class Decoder:
 def bench_python(path: Path, a: argparse.Namespace) -> dict:
     on, off = Decoder(path, True, a.threads), Decoder(path, False, a.threads)
     tokens = on.model.tokenize(builtin_prompt()[: a.prompt_chars])
-    prefill_s = {}
-    for name, d in (("repack_on", on), ("repack_off", off)):
-        t = time.perf_counter()
-        d.prefill(tokens)
-        prefill_s[name] = time.perf_counter() - t
+    on.prefill(tokens)  # prefill speed: see llama-bench's pp test (one cold prefill each is no measurement)
+    off.prefill(tokens)
     done, i = 0, 0
     while done < a.n_predict:
         n = min(a.round, a.n_predict - done)
@@ -81,7 +78,6 @@ def bench_python(path: Path, a: argparse.Namespace) -> dict:
         done, i = done + n, i + 1
     res = {
         "prompt_tokens": len(tokens),
-        "prefill_s": prefill_s,
         "repack_on_tok_s": 1.0 / float(np.median(on.step_s)),
         "repack_off_tok_s": 1.0 / float(np.median(off.step_s)),
         "repack_on_buffers_mib": on.model.model_buffers_mib,
