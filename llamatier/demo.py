@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from llamatier.errors import LlamatierError
+from llamatier.userfiles import read_text_file
 
 
 def builtin_prompt() -> str:
@@ -14,15 +15,8 @@ def builtin_prompt() -> str:
 
 
 def read_prompt_file(path: str | Path) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise LlamatierError(f"prompt file not found: {p} (give an existing text file to --prompt-file)")
-    if p.is_dir():
-        raise LlamatierError(f"--prompt-file {p} is a directory; give a text file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LlamatierError(f"prompt file {p} is not UTF-8 text; convert it to UTF-8") from None
+    """The text of a prompt file the user gave (one-line errors otherwise)."""
+    return read_text_file(path, what="prompt file", give="a UTF-8 text file to --prompt-file")
 
 
 def demo_model_path() -> Path:

@@ -18,11 +18,7 @@ from llamatier.hardware.hostmodel import HostComputeModel
 from llamatier.hardware.profile import COMPUTE_DEVICES, Compute, Link, Profile, Tier
 from llamatier.tiers import LINK_ENDS, LINK_NAMES, TIER_NAMES
 from llamatier.units import parse_size_bytes
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
-    import tomli as tomllib
+from llamatier.userfiles import read_toml_file
 
 
 @dataclass(frozen=True)
@@ -134,12 +130,8 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
 def load_profile(name_or_path: str | Path) -> Profile:
     """Load a built-in profile by name or a user's profile TOML by path, validated."""
     path = resolve_profile_path(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML: {exc} (fix the syntax)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: cannot read profile: {exc}") from None
+    data = read_toml_file(path, what="profile file", give="a profile name or the path to a .toml file",
+                          error=ProfileError)
     return profile_from_dict(data, source=str(path))
 
 

@@ -24,7 +24,7 @@ from llamatier.policies.base import (
     default_read_selection,
 )
 from llamatier.replay.context import ReplayContext
-from llamatier.tiers import N_TIERS, TIER_NAMES, MoveTiming
+from llamatier.tiers import N_TIERS, N_TIMINGS, TIER_NAMES, MoveTiming
 from llamatier.units import format_bytes
 
 _CAPACITY_SLACK = 1e-9  # relative tolerance on budget checks (float sums of byte counts)
@@ -116,16 +116,38 @@ def run_vectorised(ctx: ReplayContext, policy: Policy) -> EngineRecord:
     return _run_steps(ctx, policy, start, decision_s)
 
 
+class _StepCounts:
+    """Per-step counts one replay fills in, step by step (all zero to start)."""
+
+    def __init__(self, n_steps: int, n_layers: int) -> None:
+        S, L = n_steps, n_layers
+        self.read_bytes = np.zeros((S, L, N_TIERS))
+        self.read_blocks = np.zeros((S, L, N_TIERS))
+        self.read_tokens = np.zeros((S, L))
+        self.write_bytes = np.zeros((S, L, N_TIERS))
+        self.write_blocks = np.zeros((S, L, N_TIERS))
+        self.move_bytes = np.zeros((S, N_TIMINGS, N_TIERS, N_TIERS))
+        self.move_count = np.zeros((S, N_TIMINGS, N_TIERS, N_TIERS))
+        self.occupancy = np.zeros((S, N_TIERS))
+        self.stored = np.zeros((S, N_TIERS))
+        self.alloc = np.zeros((S, N_TIERS))
+        self.freed = np.zeros((S, N_TIERS))
+        self.dropped = np.zeros((S, L))
+
+    def record(
+        self, ctx: ReplayContext, start: StartDecision, n_visible: np.ndarray, decision_s: float, engine: str
+    ) -> EngineRecord:
+        traffic = StepTraffic(
+            read_bytes=self.read_bytes, read_blocks=self.read_blocks, read_tokens=self.read_tokens,
+            write_bytes=self.write_bytes, write_blocks=self.write_blocks, move_bytes=self.move_bytes,
+            move_count=self.move_count, n_tokens=ctx.n_tokens, ctx_tokens=ctx.ctx_tokens,
+        )
+        return EngineRecord(start, traffic, self.occupancy, self.stored, self.alloc, self.freed, self.dropped,
+                            n_visible, decision_s, engine)
+
+
 def _empty_record(ctx: ReplayContext, start: StartDecision, decision_s: float) -> EngineRecord:
-    S, L = ctx.n_steps, ctx.n_layers
-    z3 = np.zeros((S, L, 4))
-    traffic = StepTraffic(
-        read_bytes=z3, read_blocks=z3, read_tokens=np.zeros((S, L)), write_bytes=z3, write_blocks=z3,
-        move_bytes=np.zeros((S, 3, 4, 4)), move_count=np.zeros((S, 3, 4, 4)),
-        n_tokens=ctx.n_tokens, ctx_tokens=ctx.ctx_tokens,
-    )
-    z = np.zeros((S, 4))
-    return EngineRecord(start, traffic, z, z, z, z, np.zeros((S, L)), np.zeros(S), decision_s, "none")
+    return _StepCounts(ctx.n_steps, ctx.n_layers).record(ctx, start, np.zeros(ctx.n_steps), decision_s, "none")
 
 
 def _tier_counts(tiers: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -140,38 +162,24 @@ def _tier_counts(tiers: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decision_s: float) -> EngineRecord:
+    """Step by step: the policy decides, then whole-array counts of the step's reads, writes and moves."""
     S, L, NB, B = ctx.n_steps, ctx.n_layers, ctx.n_blocks, ctx.block_tokens
-    sparse = ctx.options.mode == "sparse"
-    budget = int(ctx.options.block_budget or 0)
     bidx = np.arange(NB)[None, :]
-    lay = np.arange(L)
     bb = ctx.block_bytes
     bb_full = np.broadcast_to(bb[:, None], (L, NB))
-    bpt = ctx.bytes_per_token.astype(np.float64)
-    reserved = np.zeros(4) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
+    reserved = np.zeros(N_TIERS) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
     caps = capacity_of(ctx, start)
     no_blocks = np.zeros((L, NB), dtype=bool)
-
-    read_bytes = np.zeros((S, L, 4))
-    read_blocks = np.zeros((S, L, 4))
-    read_tokens = np.zeros((S, L))
-    write_bytes = np.zeros((S, L, 4))
-    write_blocks = np.zeros((S, L, 4))
-    move_bytes = np.zeros((S, 3, 4, 4))
-    move_count = np.zeros((S, 3, 4, 4))
-    occupancy = np.zeros((S, 4))
-    stored = np.zeros((S, 4))
-    alloc = np.zeros((S, 4))
-    freed = np.zeros((S, 4))
-    dropped = np.zeros((S, L))
+    out = _StepCounts(S, L)
     n_visible = (ctx.hi_block[:, None] - ctx.lo_visible).sum(axis=1).astype(np.float64)
 
     P = np.array(start.placement, dtype=np.int8, copy=True)
     alive_prev = no_blocks
     hi_prev, lo_prev = 0, np.zeros(L, dtype=np.int64)
-    st_prev = np.zeros(4)
+    st_prev = np.zeros(N_TIERS)
     counts_prev = np.zeros((L, N_TIERS))
     for s in range(S):
+        # -- which blocks exist and are visible this step ----------------------------------
         hi = int(ctx.hi_block[s])
         lo_a, lo_v = ctx.lo_alive[s], ctx.lo_visible[s]
         below_hi = bidx < hi
@@ -181,12 +189,14 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
         new = alive & ~alive_prev if hi > hi_prev or s == 0 else no_blocks
         gone = alive_prev & ~alive if (lo_a > lo_prev).any() else no_blocks
         if gone is not no_blocks:
-            freed[s] = np.bincount(P[gone].astype(np.int64), weights=bb_full[gone], minlength=4)
+            out.freed[s] = np.bincount(P[gone].astype(np.int64), weights=bb_full[gone], minlength=N_TIERS)
         view = StepView(
             step=s, decode=bool(ctx.is_decode[s]), hi_block=hi, lo_alive=lo_a, lo_visible=lo_v,
             new_lo_block=int(ctx.pos0[s]) // B, alive=alive, visible=visible, new_blocks=new,
-            placement=P, occupancy_bytes=st_prev - freed[s],
+            placement=P, occupancy_bytes=st_prev - out.freed[s],
         )
+
+        # -- the policy's decision ----------------------------------------------------------
         t0 = time.perf_counter()
         dec: StepDecision = policy.decide(view)
         decision_s += time.perf_counter() - t0
@@ -200,78 +210,86 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
             if (counts_alive.sum(axis=1) != hi - lo_a).any():
                 _check_placement(ctx, policy, P_new, alive, s)
         read_tier = P_new if dec.read_tier is None else dec.read_tier
-        if isinstance(read_tier, (int, np.integer)):  # every access served from one tier
+        one_tier = isinstance(read_tier, (int, np.integer))  # every access served from one tier
+        if one_tier:
             read_tier = np.full((L, NB), int(read_tier), dtype=np.int8)
-            one_tier = True
-        else:
-            one_tier = False
 
-        # -- reads ------------------------------------------------------------------
-        if sparse and ctx.is_decode[s]:
-            rmask = dec.read_mask if dec.read_mask is not None else default_read_selection(view, budget)
-            if (rmask & ~visible).any():
-                raise LlamatierError(f"policy {policy.name!r} read blocks that are not visible at step {s}")
-            if (rmask.sum(axis=1) > budget).any():
-                raise LlamatierError(f"policy {policy.name!r} read more than --block-budget {budget} blocks in a layer")
-            dropped[s] = np.where(visible & ~rmask, ctx.mass[s], 0.0).sum(axis=1)
-        else:
-            rmask = visible
-        if rmask is alive and read_tier is P_new:
-            counts = counts_alive.copy()
-        elif one_tier and rmask is visible:
-            counts = np.zeros((L, N_TIERS))
-            counts[:, int(read_tier[0, 0])] = hi - lo_v
-        else:
-            counts = _tier_counts(read_tier, rmask)
-        rb = counts * bb[:, None]
-        tok = counts.sum(axis=1) * B
-        first, last, miss_f, miss_l = _edge_corrections(ctx, s)
-        for blk, miss in ((first, miss_f), (last, miss_l)):
-            hit = rmask[lay, blk] & (miss > 0)
-            if hit.any():
-                t = read_tier[lay, blk].astype(np.int64)
-                corr = np.where(hit, miss, 0)
-                np.subtract.at(rb, (lay, t), corr * bpt)
-                tok -= corr
-        read_bytes[s], read_blocks[s], read_tokens[s] = rb, counts, tok
-
-        # -- writes, allocation, moves ------------------------------------------------
-        _write_counts(ctx, s, read_tier, write_bytes[s], write_blocks[s])
+        # -- counts ---------------------------------------------------------------------------
+        _count_reads(ctx, policy, s, view, dec, P_new, read_tier, one_tier, counts_alive, out)
+        _write_counts(ctx, s, read_tier, out.write_bytes[s], out.write_blocks[s])
         if new is not no_blocks:
-            alloc[s] = np.bincount(read_tier[new].astype(np.int64), weights=bb_full[new], minlength=4)
-        try:
-            k = MoveTiming.parse(dec.move_timing)
-        except ValueError:
-            raise LlamatierError(f"policy {policy.name!r} gave move timing {dec.move_timing!r}: use demand, prefetch or free") from None
-        if dec.moves_bytes is not None:
-            move_bytes[s, k] = dec.moves_bytes
-            move_count[s, k] = dec.moves_count if dec.moves_count is not None else 0.0
-        elif P_new is not P:
-            changed = (P_new != P) & alive_prev & alive
-            if changed.any():
-                src = P[changed].astype(np.int64)
-                dst = P_new[changed].astype(np.int64)
-                pair = src * 4 + dst
-                move_bytes[s, k] = np.bincount(pair, weights=bb_full[changed], minlength=16).reshape(4, 4)
-                move_count[s, k] = np.bincount(pair, minlength=16).reshape(4, 4)
-
-        # -- occupancy ----------------------------------------------------------------
+            out.alloc[s] = np.bincount(read_tier[new].astype(np.int64), weights=bb_full[new], minlength=N_TIERS)
+        _count_moves(policy, s, dec, P, P_new, alive_prev, alive, bb_full, out)
         st = counts_alive.T @ bb
         occ = st if start.reserved_bytes is None else reserved  # a reservation holds its blocks
         _check_capacity(caps, policy, occ, s)
-        stored[s], occupancy[s] = st, occ
+        out.stored[s], out.occupancy[s] = st, occ
 
         t0 = time.perf_counter()
         policy.observe(view, ctx.mass[s])
         decision_s += time.perf_counter() - t0
         P, alive_prev, st_prev, hi_prev, lo_prev, counts_prev = P_new, alive, st, hi, lo_a, counts_alive
 
-    traffic = StepTraffic(
-        read_bytes=read_bytes, read_blocks=read_blocks, read_tokens=read_tokens, write_bytes=write_bytes,
-        write_blocks=write_blocks, move_bytes=move_bytes, move_count=move_count,
-        n_tokens=ctx.n_tokens, ctx_tokens=ctx.ctx_tokens,
-    )
-    return EngineRecord(start, traffic, occupancy, stored, alloc, freed, dropped, n_visible, decision_s, "vectorised")
+    return out.record(ctx, start, n_visible, decision_s, "vectorised")
+
+
+def _count_reads(
+    ctx: ReplayContext, policy: Policy, s: int, view: StepView, dec: StepDecision, placement: np.ndarray,
+    read_tier: np.ndarray, one_tier: bool, counts_alive: np.ndarray, out: _StepCounts,
+) -> None:
+    """Step s's reads per layer and tier (bytes, blocks, tokens) and, in sparse mode, the mass it dropped."""
+    L, B = ctx.n_layers, ctx.block_tokens
+    visible, alive = view.visible, view.alive
+    if ctx.options.mode == "sparse" and ctx.is_decode[s]:
+        budget = int(ctx.options.block_budget or 0)
+        rmask = dec.read_mask if dec.read_mask is not None else default_read_selection(view, budget)
+        if (rmask & ~visible).any():
+            raise LlamatierError(f"policy {policy.name!r} read blocks that are not visible at step {s}")
+        if (rmask.sum(axis=1) > budget).any():
+            raise LlamatierError(f"policy {policy.name!r} read more than --block-budget {budget} blocks in a layer")
+        out.dropped[s] = np.where(visible & ~rmask, ctx.mass[s], 0.0).sum(axis=1)
+    else:
+        rmask = visible
+    if rmask is alive and read_tier is placement:
+        counts = counts_alive.copy()
+    elif one_tier and rmask is visible:
+        counts = np.zeros((L, N_TIERS))
+        counts[:, int(read_tier[0, 0])] = view.hi_block - view.lo_visible
+    else:
+        counts = _tier_counts(read_tier, rmask)
+    rb = counts * ctx.block_bytes[:, None]
+    tok = counts.sum(axis=1) * B
+    lay = np.arange(L)
+    bpt = ctx.bytes_per_token.astype(np.float64)
+    first, last, miss_f, miss_l = _edge_corrections(ctx, s)
+    for blk, miss in ((first, miss_f), (last, miss_l)):
+        hit = rmask[lay, blk] & (miss > 0)
+        if hit.any():
+            t = read_tier[lay, blk].astype(np.int64)
+            corr = np.where(hit, miss, 0)
+            np.subtract.at(rb, (lay, t), corr * bpt)
+            tok -= corr
+    out.read_bytes[s], out.read_blocks[s], out.read_tokens[s] = rb, counts, tok
+
+
+def _count_moves(
+    policy: Policy, s: int, dec: StepDecision, placement: np.ndarray, placement_new: np.ndarray,
+    alive_before: np.ndarray, alive: np.ndarray, bb_full: np.ndarray, out: _StepCounts,
+) -> None:
+    """Step s's moves between tiers: as the policy reported them, else from its placement change."""
+    try:
+        k = MoveTiming.parse(dec.move_timing)
+    except ValueError:
+        raise LlamatierError(f"policy {policy.name!r} gave move timing {dec.move_timing!r}: use demand, prefetch or free") from None
+    if dec.moves_bytes is not None:
+        out.move_bytes[s, k] = dec.moves_bytes
+        out.move_count[s, k] = dec.moves_count if dec.moves_count is not None else 0.0
+    elif placement_new is not placement:
+        changed = (placement_new != placement) & alive_before & alive  # stored before and after the step
+        if changed.any():
+            pair = placement[changed].astype(np.int64) * N_TIERS + placement_new[changed].astype(np.int64)
+            out.move_bytes[s, k] = np.bincount(pair, weights=bb_full[changed], minlength=N_TIERS**2).reshape(N_TIERS, N_TIERS)
+            out.move_count[s, k] = np.bincount(pair, minlength=N_TIERS**2).reshape(N_TIERS, N_TIERS)
 
 
 def _run_fixed(ctx: ReplayContext, policy: Policy, start: StartDecision, decision_s: float) -> EngineRecord:

@@ -18,11 +18,7 @@ from typing import Any
 
 from llamatier.errors import LlamatierError
 from llamatier.units import parse_size_bytes
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
-    import tomli as tomllib
+from llamatier.userfiles import read_toml_file
 
 
 class WorkloadError(LlamatierError):
@@ -120,16 +116,8 @@ class WorkloadSpec:
 def load_workload(path: str | Path) -> WorkloadSpec:
     """Read and validate a workload TOML file; relative trace paths are relative to the file."""
     p = Path(path)
-    if not p.exists():
-        raise WorkloadError(f"workload file not found: {p} (see examples/workloads/ for examples)")
-    if p.is_dir():
-        raise WorkloadError(f"{p} is a directory: give a workload .toml file")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise WorkloadError(f"{p} is not UTF-8 text: save the workload as UTF-8 TOML") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise WorkloadError(f"{p}: not valid TOML ({exc}): fix the syntax") from None
+    data = read_toml_file(p, what="workload file", give="a workload .toml file (examples/workloads/ has some)",
+                          error=WorkloadError)
     return workload_from_dict(data, source=str(p), base_dir=p.parent)
 
 
