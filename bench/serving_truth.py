@@ -1,0 +1,152 @@
+"""Serving truth: play a workload against a real llama-server and compare with serve-replay.
+
+Measure (starts a fresh llama-server per case; run it alone on the machine):
+
+    /work/bin/quiet .venv/bin/python bench/serving_truth.py measure [--cases u1-np1-prefix,u4-np2-prefix] \
+        [--llama-server PATH | --cache-dir DIR [--portable]] [--results DIR]
+
+Compare (no server: predicts every saved case and prints measured vs predicted):
+
+    .venv/bin/python bench/serving_truth.py compare [--results DIR] [--per-request] [--json out.json]
+
+Without --llama-server, llama-server is built once from llama-cpp-python's sdist
+(pip download; vendored llama.cpp) into --cache-dir, natively like pip's build of
+llama-cpp-python unless --portable. The workload file is the one serve-replay reads
+(default examples/workloads/gemma-270m-llama-server.toml); cases vary its users,
+llama-server slots (-np) and shared prefix. The host model that prices steps comes
+from --profile (default: the committed calibration, traces/calib/cpu-host-calibrated.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llamatier.errors import LlamatierError  # noqa: E402
+from llamatier.serverbench import (  # noqa: E402
+    DEFAULT_CASES,
+    GOAL,
+    Case,
+    build_llama_server,
+    load_measurement,
+    measure_case,
+    pooled,
+    predict_case,
+    request_table,
+    summarize,
+)
+from llamatier.serving import load_workload  # noqa: E402
+
+WORKLOAD = REPO / "examples" / "workloads" / "gemma-270m-llama-server.toml"
+PROFILE = REPO / "traces" / "calib" / "cpu-host-calibrated.toml"
+RESULTS = REPO / "bench" / "results" / "serving-truth"
+
+
+def _cases(text: str | None) -> list[Case]:
+    return [Case.parse(c) for c in text.split(",")] if text else list(DEFAULT_CASES)
+
+
+def cmd_measure(a: argparse.Namespace) -> None:
+    from llamatier.serving import build_context
+    from llamatier.workloads import demo_model_path
+
+    spec = load_workload(a.workload)
+    binary = Path(a.llama_server) if a.llama_server else build_llama_server(
+        Path(a.cache_dir) if a.cache_dir else None, native=not a.portable)
+    model = Path(a.model) if a.model else Path(demo_model_path())
+    threads = a.threads or build_context(spec).traces[0].context.get("n_threads", 2)
+    for case in _cases(a.cases):
+        rec = measure_case(spec, case, binary=binary, model=model, out_dir=Path(a.results), n_threads=int(threads),
+                           extra_args=a.server_arg, deadline_s=a.deadline_s)
+        ok = sum(1 for r in rec["requests"] if r["completion"] and not r["completion"]["error"])
+        print(f"{case.name}: {ok}/{len(rec['requests'])} requests in {rec['wall_s']:.1f} s", flush=True)
+
+
+def _fmt(x: float, scale: float = 1.0, nd: int = 0) -> str:
+    return "nan" if x != x else f"{x * scale:.{nd}f}"
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    spec = load_workload(a.workload)
+    files = sorted(Path(a.results).glob("*.json"))
+    if a.cases:
+        want = {c.name for c in _cases(a.cases)}
+        files = [f for f in files if f.stem in want]
+    if not files:
+        raise LlamatierError(f"no measurements in {a.results}: run `bench/serving_truth.py measure` first")
+    tables, out = [], {"goal": GOAL, "cases": {}}
+    hdr = (f"{'case':<18} {'req':>4} {'TTFT p50 ms':>15} {'p99':>15} {'err med/p95':>12} "
+           f"{'TPOT p50 ms':>13} {'p99':>13} {'err med/p95':>12} {'cache':>7} goal")
+    print(hdr)
+    order = {c.name: i for i, c in enumerate(DEFAULT_CASES)}
+    for f in sorted(files, key=lambda f: order.get(f.stem, 99)):
+        case, played, _ = load_measurement(f)
+        pred = predict_case(spec, case, profile=a.profile)
+        t = request_table(played, pred)
+        s = summarize(t)
+        tables.append(t)
+        out["cases"][case.name] = {"summary": s, "requests": t.to_dicts()}
+        tt, tp = s["ttft_s"], s["tpot_s"]
+        print(
+            f"{case.name:<18} {s['measured']:>4} "
+            f"{_fmt(tt['measured_p50'], 1e3):>7}/{_fmt(tt['predicted_p50'], 1e3):<7} "
+            f"{_fmt(tt['measured_p99'], 1e3):>7}/{_fmt(tt['predicted_p99'], 1e3):<7} "
+            f"{_fmt(tt['median_abs_err'], 100):>5}/{_fmt(tt['p95_abs_err'], 100):<5}% "
+            f"{_fmt(tp['measured_p50'], 1e3, 1):>6}/{_fmt(tp['predicted_p50'], 1e3, 1):<6} "
+            f"{_fmt(tp['measured_p99'], 1e3, 1):>6}/{_fmt(tp['predicted_p99'], 1e3, 1):<6} "
+            f"{_fmt(tp['median_abs_err'], 100):>5}/{_fmt(tp['p95_abs_err'], 100):<5}% "
+            f"{s['cache_match']['identical']:>3}/{s['cache_match']['requests']:<3} {'yes' if s['meets_goal'] else 'no'}"
+        )
+        if a.per_request:
+            cols = ["rid", "user", "turn", "prompt_tokens", "arrival_s", "pred_arrival_s", "ttft_s", "server_ttft_s",
+                    "pred_ttft_s", "tpot_s", "pred_tpot_s", "cache_n", "pred_cache_n", "id_slot"]
+            with __import__("polars").Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=250, float_precision=3):
+                print(t.select(cols))
+    allp = pooled(tables)
+    out["pooled"] = allp
+    print(
+        f"all cases: TTFT per-request |err| median {_fmt(allp['ttft_s']['median_abs_err'], 100, 1)}% "
+        f"p95 {_fmt(allp['ttft_s']['p95_abs_err'], 100, 1)}%; TPOT median "
+        f"{_fmt(allp['tpot_s']['median_abs_err'], 100, 1)}% p95 {_fmt(allp['tpot_s']['p95_abs_err'], 100, 1)}% "
+        f"(goal: median <= {GOAL['median_abs_err']:.0%}, p95 <= {GOAL['p95_abs_err']:.0%}, "
+        f"each run's p99 within {GOAL['p99_err']:.0%})"
+    )
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1, default=float))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("measure", "compare"):
+        p = sub.add_parser(name)
+        p.add_argument("--workload", default=str(WORKLOAD))
+        p.add_argument("--results", default=str(RESULTS), help="folder of per-case measurement JSON files")
+        p.add_argument("--cases", default=None, help="comma-separated, e.g. u1-np1-prefix,u8-np4-noprefix")
+    m = sub.choices["measure"]
+    m.add_argument("--llama-server", default=None, help="a llama-server binary (default: build it)")
+    m.add_argument("--cache-dir", default=None, help="where to download and build llama.cpp")
+    m.add_argument("--portable", action="store_true", help="build with GGML_NATIVE=OFF")
+    m.add_argument("--model", default=None, help="GGUF model (default: the Gemma 3 270M demo model)")
+    m.add_argument("--threads", type=int, default=None, help="llama-server -t (default: the trace's)")
+    m.add_argument("--server-arg", action="append", default=[], help="extra llama-server argument (repeat)")
+    m.add_argument("--deadline-s", type=float, default=240.0, help="bound on one case's run")
+    c = sub.choices["compare"]
+    c.add_argument("--profile", default=str(PROFILE))
+    c.add_argument("--per-request", action="store_true")
+    c.add_argument("--json", default=None)
+    a = ap.parse_args()
+    try:
+        (cmd_measure if a.cmd == "measure" else cmd_compare)(a)
+    except LlamatierError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
