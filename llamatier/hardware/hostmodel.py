@@ -14,6 +14,15 @@ Work counts ("terms") for a batch of ``n_tokens`` attending ``n_kv`` cells
 - ``token``     n_tokens (weight matmuls, norms, per-token work)
 - ``kv``        n_kv (reading the K/V cache once per ubatch)
 - ``token_kv``  n_tokens * n_kv (Q·K scores, softmax, weighted V)
+- ``logits``    1 per ubatch that computes any logits (streaming the output matrix once)
+- ``sample``    tokens sampled after the step (a server's sampler chain over the vocabulary)
+
+``logits`` and ``sample`` are absent from single-sequence trace fits (a traced
+step has at most one output row, and sampling is not inside llama_decode); a
+fit from batches of several sequences (``llamatier.serverbench.batchcal``)
+separates them from ``output``. :meth:`HostComputeModel.predict_counts_s`
+prices work counts given per ubatch (as :mod:`llamatier.serving.ubatch`
+computes them for a batch of sequences).
 
 A term may be restricted to one cache type with ``@k=TYPE`` or ``@v=TYPE``
 (``kv@k=q8_0`` counts only steps whose K cache is q8_0), so each KV type gets
@@ -22,6 +31,7 @@ its own per-cell cost. Coefficients come from ``llamatier calibrate``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +39,7 @@ import numpy as np
 
 from llamatier.errors import LlamatierError
 
-BASE_TERMS = ("step", "output", "token", "kv", "token_kv")
+BASE_TERMS = ("step", "output", "token", "kv", "token_kv", "logits", "sample")
 DEFAULT_KV_PAD_CELLS = 256  # llama.cpp pads attended KV cells to 256 with flash attention off
 
 
@@ -77,10 +87,24 @@ def design_matrix(
     nt = np.asarray(n_tokens, dtype=np.float64)
     nkv = np.asarray(n_kv_padded, dtype=np.float64)
     n = nt.shape[0]
+    out = np.ones(n) if n_outputs is None else np.asarray(n_outputs, dtype=np.float64)
+    counts = {"step": np.ones(n), "output": out, "token": nt, "kv": nkv, "token_kv": nt * nkv,
+              "logits": (out > 0).astype(np.float64), "sample": np.zeros(n)}
+    return design_from_counts(terms, counts, type_k=type_k, type_v=type_v)
+
+
+def design_from_counts(
+    terms: tuple[str, ...],
+    counts: Mapping[str, np.ndarray],
+    *,
+    type_k: str | np.ndarray,
+    type_v: str | np.ndarray,
+) -> np.ndarray:
+    """Work counts ``X[row, term]`` from per-row counts of the base terms (missing base terms count 0)."""
+    n = int(next(iter(counts.values())).shape[0]) if counts else 0
     tk = _as_str_array(type_k, n)
     tv = _as_str_array(type_v, n)
-    out = np.ones(n) if n_outputs is None else np.asarray(n_outputs, dtype=np.float64)
-    base_values = {"step": np.ones(n), "output": out, "token": nt, "kv": nkv, "token_kv": nt * nkv}
+    base_values = {b: np.asarray(counts[b], dtype=np.float64) if b in counts else np.zeros(n) for b in BASE_TERMS}
     x = np.empty((n, len(terms)), dtype=np.float64)
     for j, term in enumerate(terms):
         base, which, typ = parse_term(term)
@@ -199,6 +223,25 @@ class HostComputeModel:
         )
         per_ub = x @ np.asarray(self.serial_s) + (x / thr[owner][:, None]) @ np.asarray(self.parallel_s)
         return np.bincount(owner, weights=per_ub, minlength=n)
+
+    def predict_counts_s(
+        self,
+        counts: Mapping[str, np.ndarray],
+        *,
+        type_k: str | np.ndarray,
+        type_v: str | np.ndarray,
+        n_threads: np.ndarray | int,
+    ) -> np.ndarray:
+        """Predicted wall time [s] of rows given as work counts of the base terms (no padding, no splitting).
+
+        A row is whatever the counts describe: one ubatch, or a whole batch with
+        its ubatches' counts summed (the model is linear in them).
+        """
+        x = design_from_counts(self.terms, counts, type_k=type_k, type_v=type_v)
+        n = x.shape[0]
+        self.check_inputs(type_k, type_v, n_threads)
+        thr = np.broadcast_to(np.asarray(n_threads, dtype=np.float64), (n,))
+        return x @ np.asarray(self.serial_s) + (x / thr[:, None]) @ np.asarray(self.parallel_s)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
