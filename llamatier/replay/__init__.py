@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from llamatier.cost import CostModel
 from llamatier.hardware import Profile
 from llamatier.policies import Policy, make_policy
@@ -21,8 +23,12 @@ from llamatier.trace import Trace
 DEFAULT_POLICIES = ("static", "lru", "adaptive", "oracle")
 
 
-def cost_model_for(ctx: ReplayContext, record: EngineRecord) -> tuple[CostModel, list[str]]:
-    """The cost model for a prepared replay and the notes it adds (host model used or not)."""
+def cost_model_for(ctx: ReplayContext, record: EngineRecord, *, trace_steps: bool = True) -> tuple[CostModel, list[str]]:
+    """The cost model for a prepared replay and the notes it adds (host model used or not).
+
+    ``trace_steps``: the model prices the trace's own steps (their logits rows come
+    from the trace, as the host model was fitted); False for other steps (serving).
+    """
     notes: list[str] = []
     prof = ctx.profile
     hm = prof.compute.host_model
@@ -39,6 +45,8 @@ def cost_model_for(ctx: ReplayContext, record: EngineRecord) -> tuple[CostModel,
                 "n_threads": ctx.n_threads,
                 "n_ctx": ctx.n_ctx,
             }
+            if trace_steps:  # a prefill chunk computes logits only when its last token is sampled
+                hm_args["n_outputs"] = (ctx.trace.steps["token_out"].to_numpy() >= 0).astype(np.float64)
             notes.append("host compute from the calibrated host model (includes attention over DRAM-resident KV)")
     g = ctx.target.geometry
     start = record.start

@@ -67,7 +67,7 @@ class ServingContext:
         """The replay's cost model for this target and profile with a DRAM read mode (cached)."""
         if dram_reads not in self._cost_models:
             shim = SimpleNamespace(start=StartDecision(placement=np.zeros((1, 1), dtype=np.int8), dram_reads=dram_reads))
-            self._cost_models[dram_reads] = cost_model_for(self._replay_ctx, shim)  # type: ignore[arg-type]
+            self._cost_models[dram_reads] = cost_model_for(self._replay_ctx, shim, trace_steps=False)  # type: ignore[arg-type]
         return self._cost_models[dram_reads]
 
 
