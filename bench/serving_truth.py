@@ -1,5 +1,11 @@
 """Serving truth: play a workload against a real llama-server and compare with serve-replay.
 
+Calibrate the host model for the server's batches (llama-cpp-python timing server-shaped
+batches of several sequences, plus a one-slot llama-server run for its per-token work;
+run it alone on the machine):
+
+    /work/bin/quiet .venv/bin/python bench/serving_truth.py calibrate [--llama-server PATH] [--out PROFILE]
+
 Measure (starts a fresh llama-server per case; run it alone on the machine):
 
     /work/bin/quiet .venv/bin/python bench/serving_truth.py measure [--cases u1-np1-prefix,u4-np2-prefix] \
@@ -24,6 +30,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -43,12 +51,61 @@ from llamatier.serverbench import (  # noqa: E402
 from llamatier.serving import load_workload  # noqa: E402
 
 WORKLOAD = REPO / "examples" / "workloads" / "gemma-270m-llama-server.toml"
-PROFILE = REPO / "traces" / "calib" / "cpu-host-calibrated.toml"
 RESULTS = REPO / "bench" / "results" / "serving-truth"
+PROFILE = RESULTS / "cpu-host-server.toml"
 
 
 def _cases(text: str | None) -> list[Case]:
     return [Case.parse(c) for c in text.split(",")] if text else list(DEFAULT_CASES)
+
+
+def _binary(a: argparse.Namespace) -> Path:
+    if a.llama_server:
+        return Path(a.llama_server)
+    return build_llama_server(Path(a.cache_dir) if a.cache_dir else None, native=not a.portable)
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    import dataclasses
+
+    from llamatier.hardware import load_profile, profile_to_toml
+    from llamatier.serverbench.batchcal import (
+        BatchSettings,
+        fit_server_host_model,
+        measure_server_overhead,
+        record_batches,
+        with_server_overhead,
+    )
+    from llamatier.workloads import demo_model_path
+
+    binary = _binary(a)
+    model = Path(a.model) if a.model else Path(demo_model_path())
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = BatchSettings(n_threads=a.threads or 2)
+    rec = record_batches(model, settings, repeats=a.repeats)
+    fit = fit_server_host_model(rec)
+    over = measure_server_overhead(binary, model, rec, log=out.with_suffix(".server.log"))
+    rec["server_overhead"] = over
+    out.with_suffix(".batches.json").write_text(json.dumps(rec))
+    hm = with_server_overhead(fit.model, over)
+    hm = dataclasses.replace(hm, traces=(str(out.with_suffix(".batches.json").name),))
+    prof = load_profile(a.base).with_host_model(hm, name=out.stem)
+    header = (
+        f"Host profile for llama-server's batches, written by bench/serving_truth.py calibrate.\n"
+        f"Tiers, links and compute rates are copied from {a.base}. [compute.host_model] is fitted from\n"
+        f"{fit.model.fit_steps} server-shaped batches timed with llama-cpp-python {rec['llama_cpp_python']} "
+        f"({settings.n_seq} KV streams, flash attention {settings.flash_attn}, sliding-window caches,\n"
+        f"n_batch {settings.n_batch}, n_ubatch {settings.n_ubatch}, {settings.n_threads} threads): median abs error "
+        f"{fit.model.fit_median_ape:.1%}, p95 {fit.model.fit_p95_ape:.1%}. 'sample' adds llama-server's own\n"
+        f"work per output token, measured on {binary}.\n"
+        f"System: {rec['system_info'][:200]}"
+    )
+    out.write_text(profile_to_toml(prof, header=header))
+    err = np.abs(fit.rel_error)
+    print(f"{out}: {fit.model.fit_steps} batches, |err| median {np.median(err):.1%} p95 {np.quantile(err, 0.95):.1%}; "
+          f"sampler {fit.model.serial_s[-1] * 1e3:.3f} ms + server {over['per_token_s'] * 1e3:.3f} ms per token; "
+          f"HTTP {over['http_s'] * 1e3:.1f} ms per request")
 
 
 def cmd_measure(a: argparse.Namespace) -> None:
@@ -56,8 +113,7 @@ def cmd_measure(a: argparse.Namespace) -> None:
     from llamatier.workloads import demo_model_path
 
     spec = load_workload(a.workload)
-    binary = Path(a.llama_server) if a.llama_server else build_llama_server(
-        Path(a.cache_dir) if a.cache_dir else None, native=not a.portable)
+    binary = _binary(a)
     model = Path(a.model) if a.model else Path(demo_model_path())
     threads = a.threads or build_context(spec).traces[0].context.get("n_threads", 2)
     for case in _cases(a.cases):
@@ -123,17 +179,23 @@ def cmd_compare(a: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("measure", "compare"):
+    for name in ("calibrate", "measure", "compare"):
         p = sub.add_parser(name)
         p.add_argument("--workload", default=str(WORKLOAD))
         p.add_argument("--results", default=str(RESULTS), help="folder of per-case measurement JSON files")
         p.add_argument("--cases", default=None, help="comma-separated, e.g. u1-np1-prefix,u8-np4-noprefix")
+    for name in ("calibrate", "measure"):
+        m = sub.choices[name]
+        m.add_argument("--llama-server", default=None, help="a llama-server binary (default: build it)")
+        m.add_argument("--cache-dir", default=None, help="where to download and build llama.cpp")
+        m.add_argument("--portable", action="store_true", help="build with GGML_NATIVE=OFF")
+        m.add_argument("--model", default=None, help="GGUF model (default: the Gemma 3 270M demo model)")
+        m.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the trace's, 2)")
+    k = sub.choices["calibrate"]
+    k.add_argument("--out", default=str(PROFILE), help="profile TOML to write (its raw batches go next to it)")
+    k.add_argument("--base", default="cpu-host", help="profile whose tiers and links the result copies")
+    k.add_argument("--repeats", type=int, default=3)
     m = sub.choices["measure"]
-    m.add_argument("--llama-server", default=None, help="a llama-server binary (default: build it)")
-    m.add_argument("--cache-dir", default=None, help="where to download and build llama.cpp")
-    m.add_argument("--portable", action="store_true", help="build with GGML_NATIVE=OFF")
-    m.add_argument("--model", default=None, help="GGUF model (default: the Gemma 3 270M demo model)")
-    m.add_argument("--threads", type=int, default=None, help="llama-server -t (default: the trace's)")
     m.add_argument("--server-arg", action="append", default=[], help="extra llama-server argument (repeat)")
     m.add_argument("--deadline-s", type=float, default=240.0, help="bound on one case's run")
     c = sub.choices["compare"]
@@ -142,7 +204,7 @@ def main() -> None:
     c.add_argument("--json", default=None)
     a = ap.parse_args()
     try:
-        (cmd_measure if a.cmd == "measure" else cmd_compare)(a)
+        {"calibrate": cmd_calibrate, "measure": cmd_measure, "compare": cmd_compare}[a.cmd](a)
     except LlamatierError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -91,3 +91,39 @@ def test_server_batch_with_gaps_in_slot_ids_runs_several_ubatches() -> None:
     assert [[(segs[i].seq, k) for i, _, k in ub] for ub in ubs] == [[(0, 1), (1, 1)], [(2, 1), (3, 1)], [(1, 511)]]
     # one sequence: ubatches of n_ubatch tokens, as llama_decode splits a long prompt
     assert [k for ((_, _, k),) in split_equal([Segment(0, 0, 1100, True)], 512)] == [512, 512, 76]
+
+
+def _host_model():
+    from llamatier.hardware import HostComputeModel
+
+    terms = ("step", "logits", "output", "token", "kv", "token_kv", "sample")
+    return HostComputeModel(terms=terms, serial_s=(2.8e-3, 1.2e-2, 3.8e-3, 1.6e-3, 1.3e-6, 7.5e-7, 5e-4),
+                            parallel_s=(0.0,) * len(terms), k_types=("f16",), v_types=("f16",), thread_counts=(2,))
+
+
+prefill_st = st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 600)), min_size=1, max_size=5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=prefill_st)
+def test_a_prefill_batch_costs_what_its_sequences_cost_with_their_own_contexts(rows: list[tuple[int, int]]) -> None:
+    """Batched prefill: every token attends its own sequence's cells, never the batch's summed context."""
+    lay = KVLayout(windows=(512, 512, 512, 512, 512, 0), n_ctx_seq=4096, flash_attn=True)
+    hm = _host_model()
+
+    def cost(segs: list[Segment]) -> float:
+        c = ubatch_counts(segs, lay)
+        return float(hm.predict_counts_s({k: v.sum(keepdims=True) for k, v in c.items()},
+                                         type_k="f16", type_v="f16", n_threads=2)[0])
+
+    together = [Segment(seq=i, ctx=c, n=n, out=False) for i, (c, n) in enumerate(rows)]
+    alone = [[Segment(seq=0, ctx=c, n=n, out=False)] for c, n in rows]
+    cb = ubatch_counts(together, lay)
+    ca = [ubatch_counts(a, lay) for a in alone]
+    # attention work and tokens add up exactly: each sequence with its own context
+    assert abs(cb["token_kv"].sum() - sum(c["token_kv"].sum() for c in ca)) <= 1e-9 * cb["token_kv"].sum()
+    assert cb["token"].sum() == sum(n for _, n in rows)
+    assert cost(together) >= max(cost(a) for a in alone) - 1e-12
+    # sequences llama.cpp runs in separate ubatches (ids not consecutive) cost exactly what they cost alone
+    apart = [Segment(seq=2 * i, ctx=c, n=n, out=False) for i, (c, n) in enumerate(rows)]
+    assert abs(cost(apart) - sum(cost(a) for a in alone)) <= 1e-9 * cost(apart)

@@ -16,9 +16,12 @@ Work counts ("terms") for a batch of ``n_tokens`` attending ``n_kv`` cells
 - ``token_kv``  n_tokens * n_kv (Q·K scores, softmax, weighted V)
 - ``logits``    1 per ubatch that computes any logits (streaming the output matrix once)
 - ``sample``    tokens sampled after the step (a server's sampler chain over the vocabulary)
+- ``gemm``, ``gemv``, ``gemv_rows``  CPU-repacked matrix kernels a ubatch uses (a GEMM over groups of
+                four rows when it has four or more, a GEMV for each of the ``n_tokens % 4`` rows left)
 
-``logits`` and ``sample`` are absent from single-sequence trace fits (a traced
-step has at most one output row, and sampling is not inside llama_decode); a
+``logits``, ``sample`` and the kernel terms are absent from single-sequence trace
+fits (a traced step has at most one output row, sampling is not inside
+llama_decode, and its ubatches are one token or a multiple of four); a
 fit from batches of several sequences (``llamatier.serverbench.batchcal``)
 separates them from ``output``. :meth:`HostComputeModel.predict_counts_s`
 prices work counts given per ubatch (as :mod:`llamatier.serving.ubatch`
@@ -39,7 +42,7 @@ import numpy as np
 
 from llamatier.errors import LlamatierError
 
-BASE_TERMS = ("step", "output", "token", "kv", "token_kv", "logits", "sample")
+BASE_TERMS = ("step", "output", "token", "kv", "token_kv", "logits", "sample", "gemm", "gemv", "gemv_rows")
 DEFAULT_KV_PAD_CELLS = 256  # llama.cpp pads attended KV cells to 256 with flash attention off
 
 
@@ -89,7 +92,8 @@ def design_matrix(
     n = nt.shape[0]
     out = np.ones(n) if n_outputs is None else np.asarray(n_outputs, dtype=np.float64)
     counts = {"step": np.ones(n), "output": out, "token": nt, "kv": nkv, "token_kv": nt * nkv,
-              "logits": (out > 0).astype(np.float64), "sample": np.zeros(n)}
+              "logits": (out > 0).astype(np.float64), "sample": np.zeros(n),
+              "gemm": (nt >= 4).astype(np.float64), "gemv": (nt % 4 > 0).astype(np.float64), "gemv_rows": nt % 4}
     return design_from_counts(terms, counts, type_k=type_k, type_v=type_v)
 
 

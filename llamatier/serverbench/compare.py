@@ -55,6 +55,7 @@ def request_table(played: Sequence[PlayedRequest], predicted: ServeResult) -> pl
             "prompt_n": int(c.timings.get("prompt_n", -1)) if ok else -1,
             "pred_prompt_n": p.prompt_tokens - reused,
             "id_slot": c.id_slot if ok else -1,
+            "pred_slot": int(pr.get("slot", -1)),
             "error": (c.error if c is not None else p.skipped) if not ok else None,
         })
     return pl.DataFrame(rows, infer_schema_length=None)
@@ -91,7 +92,8 @@ def summarize(table: pl.DataFrame) -> dict[str, Any]:
         verdicts.append(meets)
         out[m] = d
     same = ok.filter((pl.col("cache_n") == pl.col("pred_cache_n")) & (pl.col("prompt_n") == pl.col("pred_prompt_n")))
-    out["cache_match"] = {"requests": ok.height, "identical": same.height}
+    out["cache_match"] = {"requests": ok.height, "identical": same.height,
+                          "same_slot": ok.filter(pl.col("id_slot") == pl.col("pred_slot")).height}
     out["meets_goal"] = bool(all(verdicts)) and ok.height == table.height and ok.height > 0
     return out
 

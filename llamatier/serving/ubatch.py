@@ -22,8 +22,15 @@ flash attention on, the CPU kernel skips masked cells, so each token's work is
 the cells it sees: its own sequence's positions, within the window on
 sliding-window layers.
 
+Matrix kernels (ggml/src/ggml-cpu/repack.cpp ``forward_mul_mat_one_chunk``):
+weights repacked for the CPU (Q4_0, Q4_K, IQ4_NL... on x86) multiply ubatches
+of four rows or more with a GEMM over groups of four rows, and the remaining
+``n_tokens % 4`` rows one at a time with a GEMV; each kernel used streams the
+weights once more, and GEMV rows cost more than GEMM rows.
+
 :func:`ubatch_counts` turns a batch into the host model's work counts per
 ubatch (``step``, ``logits``, ``output``, ``token``, ``kv``, ``token_kv``;
+``gemm`` and ``gemv``: the kernels used, ``gemv_rows``: rows through the GEMV;
 ``kv`` and ``token_kv`` averaged over layers, which is exact for terms linear
 in the cells); :func:`llamatier.hardware.HostComputeModel.predict_counts_s`
 prices them.
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 KV_PAD_CELLS = 256  # llama_kv_cache::get_n_kv pads to max(n_pad, 256)
+COUNT_TERMS = ("step", "logits", "output", "token", "kv", "token_kv", "gemm", "gemv", "gemv_rows")
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ def ubatch_counts(segments: list[Segment], layout: KVLayout) -> dict[str, np.nda
     kinds, n_layers_of = np.unique(win, return_counts=True)
     share = n_layers_of / win.size
     swa_cells = layout.swa_cells
-    c = {k: np.zeros(U) for k in ("step", "logits", "output", "token", "kv", "token_kv")}
+    c = {k: np.zeros(U) for k in COUNT_TERMS}
     for u, parts in enumerate(ubs):
         seg = [segments[i] for i, _, _ in parts]
         p0 = np.array([s.ctx + j for s, (_, j, _) in zip(seg, parts, strict=True)], dtype=np.int64)
@@ -141,4 +149,7 @@ def ubatch_counts(segments: list[Segment], layout: KVLayout) -> dict[str, np.nda
         c["token"][u] = n_tok
         c["kv"][u] = kv
         c["token_kv"][u] = tkv
+        c["gemm"][u] = 1.0 if n_tok >= 4 else 0.0
+        c["gemv"][u] = 1.0 if n_tok % 4 else 0.0
+        c["gemv_rows"][u] = n_tok % 4
     return c
