@@ -68,6 +68,7 @@ def _binary(a: argparse.Namespace) -> Path:
 def cmd_calibrate(a: argparse.Namespace) -> None:
     import dataclasses
 
+    from llamatier.demo import demo_model_path
     from llamatier.hardware import load_profile, profile_to_toml
     from llamatier.serverbench.batchcal import (
         BatchSettings,
@@ -76,24 +77,35 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
         record_batches,
         with_server_overhead,
     )
-    from llamatier.workloads import demo_model_path
 
-    binary = _binary(a)
-    model = Path(a.model) if a.model else Path(demo_model_path())
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = BatchSettings(n_threads=a.threads or 2)
-    rec = record_batches(model, settings, repeats=a.repeats)
+    if a.from_batches:  # refit recorded batches (and their server run) without timing anything
+        rec = json.loads(Path(a.from_batches).read_text())
+        over = rec["server_overhead"]
+        binary = rec.get("llama_server", "?")
+    else:
+        binary = _binary(a)
+        model = Path(a.model) if a.model else Path(demo_model_path())
+        rec = record_batches(model, BatchSettings(n_threads=a.threads or 2), repeats=a.repeats)
+        over = measure_server_overhead(binary, model, rec, log=out.with_suffix(".server.log"))
+        rec["server_overhead"] = over
+        rec["llama_server"] = str(binary)
+    settings = BatchSettings(**rec["settings"])
     fit = fit_server_host_model(rec)
-    over = measure_server_overhead(binary, model, rec, log=out.with_suffix(".server.log"))
-    rec["server_overhead"] = over
-    out.with_suffix(".batches.json").write_text(json.dumps(rec))
+    if Path(a.from_batches or "").resolve() != out.with_suffix(".batches.json").resolve():
+        out.with_suffix(".batches.json").write_text(json.dumps(rec))
     hm = with_server_overhead(fit.model, over)
     hm = dataclasses.replace(hm, traces=(str(out.with_suffix(".batches.json").name),))
-    prof = load_profile(a.base).with_host_model(hm, name=out.stem)
+    cpu = _cpu_name()
+    prof = dataclasses.replace(
+        load_profile(a.base).with_host_model(hm, name=out.stem),
+        description=f"{cpu}: host model for llama-server's batches (tiers and links copied from {a.base})",
+    )
     header = (
         f"Host profile for llama-server's batches, written by bench/serving_truth.py calibrate.\n"
-        f"Tiers, links and compute rates are copied from {a.base}. [compute.host_model] is fitted from\n"
+        f"Tiers, links and compute rates are copied from {a.base} (another machine's measurements: only\n"
+        f"host-memory copies use them here). [compute.host_model] is fitted on {cpu} from\n"
         f"{fit.model.fit_steps} server-shaped batches timed with llama-cpp-python {rec['llama_cpp_python']} "
         f"({settings.n_seq} KV streams, flash attention {settings.flash_attn}, sliding-window caches,\n"
         f"n_batch {settings.n_batch}, n_ubatch {settings.n_ubatch}, {settings.n_threads} threads): median abs error "
@@ -104,13 +116,23 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     out.write_text(profile_to_toml(prof, header=header))
     err = np.abs(fit.rel_error)
     print(f"{out}: {fit.model.fit_steps} batches, |err| median {np.median(err):.1%} p95 {np.quantile(err, 0.95):.1%}; "
-          f"sampler {fit.model.serial_s[-1] * 1e3:.3f} ms + server {over['per_token_s'] * 1e3:.3f} ms per token; "
+          f"sampler {fit.model.serial_s[fit.model.terms.index('sample')] * 1e3:.3f} ms + server {over['per_token_s'] * 1e3:.3f} ms per token; "
           f"HTTP {over['http_s'] * 1e3:.1f} ms per request")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{__import__('os').cpu_count()}"
+    except OSError:
+        pass
+    return "this machine"
+
+
 def cmd_measure(a: argparse.Namespace) -> None:
+    from llamatier.demo import demo_model_path
     from llamatier.serving import build_context
-    from llamatier.workloads import demo_model_path
 
     spec = load_workload(a.workload)
     binary = _binary(a)
@@ -129,7 +151,7 @@ def _fmt(x: float, scale: float = 1.0, nd: int = 0) -> str:
 
 def cmd_compare(a: argparse.Namespace) -> None:
     spec = load_workload(a.workload)
-    files = sorted(Path(a.results).glob("*.json"))
+    files = sorted(f for f in Path(a.results).glob("*.json") if not f.name.endswith(".batches.json"))
     if a.cases:
         want = {c.name for c in _cases(a.cases)}
         files = [f for f in files if f.stem in want]
@@ -172,8 +194,40 @@ def cmd_compare(a: argparse.Namespace) -> None:
         f"(goal: median <= {GOAL['median_abs_err']:.0%}, p95 <= {GOAL['p95_abs_err']:.0%}, "
         f"each run's p99 within {GOAL['p99_err']:.0%})"
     )
+    if a.markdown:
+        print(markdown_table(out))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=float))
+
+
+def markdown_table(out: dict) -> str:
+    """The per-case table of docs/serving.md."""
+    rows = [
+        "| case | requests | TTFT p50 ms meas / pred | TTFT p99 ms meas / pred (err) | TTFT per-request abs err median / p95 "
+        "| TPOT p50 ms meas / pred | TPOT p99 ms meas / pred (err) | TPOT per-request abs err median / p95 "
+        "| prompt tokens reused as measured | slot as measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in out["cases"].items():
+        s = c["summary"]
+        tt, tp, cm = s["ttft_s"], s["tpot_s"], s["cache_match"]
+        rows.append(
+            f"| {name} | {s['measured']} | {tt['measured_p50'] * 1e3:.0f} / {tt['predicted_p50'] * 1e3:.0f} "
+            f"| {tt['measured_p99'] * 1e3:.0f} / {tt['predicted_p99'] * 1e3:.0f} ({tt['p99_err']:+.1%}) "
+            f"| {tt['median_abs_err']:.1%} / {tt['p95_abs_err']:.1%} "
+            f"| {tp['measured_p50'] * 1e3:.1f} / {tp['predicted_p50'] * 1e3:.1f} "
+            f"| {tp['measured_p99'] * 1e3:.1f} / {tp['predicted_p99'] * 1e3:.1f} ({tp['p99_err']:+.1%}) "
+            f"| {tp['median_abs_err']:.1%} / {tp['p95_abs_err']:.1%} "
+            f"| {cm['identical']}/{cm['requests']} | {cm['same_slot']}/{cm['requests']} |"
+        )
+    p = out["pooled"]
+    rows.append(
+        f"| all ({p['measured']} requests) | | | | {p['ttft_s']['median_abs_err']:.1%} / {p['ttft_s']['p95_abs_err']:.1%} "
+        f"| | | {p['tpot_s']['median_abs_err']:.1%} / {p['tpot_s']['p95_abs_err']:.1%} "
+        f"| {p['cache_match']['identical']}/{p['cache_match']['requests']} "
+        f"| {p['cache_match']['same_slot']}/{p['cache_match']['requests']} |"
+    )
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -195,6 +249,7 @@ def main() -> None:
     k.add_argument("--out", default=str(PROFILE), help="profile TOML to write (its raw batches go next to it)")
     k.add_argument("--base", default="cpu-host", help="profile whose tiers and links the result copies")
     k.add_argument("--repeats", type=int, default=3)
+    k.add_argument("--from-batches", default=None, help="refit a recorded BATCHES.json (no timing runs)")
     m = sub.choices["measure"]
     m.add_argument("--server-arg", action="append", default=[], help="extra llama-server argument (repeat)")
     m.add_argument("--deadline-s", type=float, default=240.0, help="bound on one case's run")
@@ -202,6 +257,7 @@ def main() -> None:
     c.add_argument("--profile", default=str(PROFILE))
     c.add_argument("--per-request", action="store_true")
     c.add_argument("--json", default=None)
+    c.add_argument("--markdown", action="store_true", help="also print the table of docs/serving.md")
     a = ap.parse_args()
     try:
         {"calibrate": cmd_calibrate, "measure": cmd_measure, "compare": cmd_compare}[a.cmd](a)

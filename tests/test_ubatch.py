@@ -81,7 +81,8 @@ def test_counts_equal_per_token_counting(segs: list[Segment], flash: bool, swa_f
         assert c["kv"][u] == np.float64(kv) or abs(c["kv"][u] - kv) < 1e-9
         assert abs(c["token_kv"][u] - tkv) < 1e-6 * max(1.0, tkv)
         outs = sum(1 for i, j, k in ub if segs[i].out and j + k == segs[i].n)
-        assert c["output"][u] == outs and c["logits"][u] == (outs > 0)
+        assert c["output"][u] == outs and c["logits_gemv_rows"][u] == outs % 4
+        assert c["logits_gemm"][u] == (outs >= 4) and c["gemv_rows"][u] == sum(k for _, _, k in ub) % 4
 
 
 def test_server_batch_with_gaps_in_slot_ids_runs_several_ubatches() -> None:
@@ -96,8 +97,8 @@ def test_server_batch_with_gaps_in_slot_ids_runs_several_ubatches() -> None:
 def _host_model():
     from llamatier.hardware import HostComputeModel
 
-    terms = ("step", "logits", "output", "token", "kv", "token_kv", "sample")
-    return HostComputeModel(terms=terms, serial_s=(2.8e-3, 1.2e-2, 3.8e-3, 1.6e-3, 1.3e-6, 7.5e-7, 5e-4),
+    terms = ("step", "logits_gemv", "output", "token", "kv", "token_kv", "sample", "logits_gemm", "gemv")
+    return HostComputeModel(terms=terms, serial_s=(2.8e-3, 1.2e-2, 3.8e-3, 1.6e-3, 1.3e-6, 7.5e-7, 5e-4, 1.4e-2, 1e-3),
                             parallel_s=(0.0,) * len(terms), k_types=("f16",), v_types=("f16",), thread_counts=(2,))
 
 

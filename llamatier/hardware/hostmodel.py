@@ -14,12 +14,14 @@ Work counts ("terms") for a batch of ``n_tokens`` attending ``n_kv`` cells
 - ``token``     n_tokens (weight matmuls, norms, per-token work)
 - ``kv``        n_kv (reading the K/V cache once per ubatch)
 - ``token_kv``  n_tokens * n_kv (Q·K scores, softmax, weighted V)
-- ``logits``    1 per ubatch that computes any logits (streaming the output matrix once)
 - ``sample``    tokens sampled after the step (a server's sampler chain over the vocabulary)
 - ``gemm``, ``gemv``, ``gemv_rows``  CPU-repacked matrix kernels a ubatch uses (a GEMM over groups of
                 four rows when it has four or more, a GEMV for each of the ``n_tokens % 4`` rows left)
+- ``logits_gemm``, ``logits_gemv``, ``logits_gemv_rows``  the same for the output matrix, on the logits rows
+- ``copy_bytes``  bytes of sequence state a server copies in the step (prompt-cache saves and loads,
+                context checkpoints: sized, allocated and serialised, not a plain memcpy)
 
-``logits``, ``sample`` and the kernel terms are absent from single-sequence trace
+``sample`` and the kernel terms are absent from single-sequence trace
 fits (a traced step has at most one output row, sampling is not inside
 llama_decode, and its ubatches are one token or a multiple of four); a
 fit from batches of several sequences (``llamatier.serverbench.batchcal``)
@@ -42,7 +44,8 @@ import numpy as np
 
 from llamatier.errors import LlamatierError
 
-BASE_TERMS = ("step", "output", "token", "kv", "token_kv", "logits", "sample", "gemm", "gemv", "gemv_rows")
+BASE_TERMS = ("step", "output", "token", "kv", "token_kv", "sample", "gemm", "gemv", "gemv_rows",
+              "logits_gemm", "logits_gemv", "logits_gemv_rows", "copy_bytes")
 DEFAULT_KV_PAD_CELLS = 256  # llama.cpp pads attended KV cells to 256 with flash attention off
 
 
@@ -92,8 +95,10 @@ def design_matrix(
     n = nt.shape[0]
     out = np.ones(n) if n_outputs is None else np.asarray(n_outputs, dtype=np.float64)
     counts = {"step": np.ones(n), "output": out, "token": nt, "kv": nkv, "token_kv": nt * nkv,
-              "logits": (out > 0).astype(np.float64), "sample": np.zeros(n),
-              "gemm": (nt >= 4).astype(np.float64), "gemv": (nt % 4 > 0).astype(np.float64), "gemv_rows": nt % 4}
+              "sample": np.zeros(n),
+              "gemm": (nt >= 4).astype(np.float64), "gemv": (nt % 4 > 0).astype(np.float64), "gemv_rows": nt % 4,
+              "logits_gemm": (out >= 4).astype(np.float64), "logits_gemv": (out % 4 > 0).astype(np.float64),
+              "logits_gemv_rows": out % 4}
     return design_from_counts(terms, counts, type_k=type_k, type_v=type_v)
 
 

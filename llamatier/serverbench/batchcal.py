@@ -172,6 +172,7 @@ def record_batches(
     times: list[list[float]] = [[] for _ in program]
     segs_of: list[list[tuple[int, int, int, bool]] | None] = [None] * len(program)
     sample_s: list[float] = []
+    state_s: list[dict[str, float]] = []
     with LlamaModel(model_path) as model:
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = s.n_seq * s.n_ctx_seq
@@ -227,6 +228,7 @@ def record_batches(
                             tok = llama_cpp.llama_sampler_sample(chain, ctx, row)
                             sample_s.append(time.perf_counter() - t0)
                             llama_cpp.llama_sampler_accept(chain, tok)
+                state_s.extend(_time_state_copies(llama_cpp, ctx, ctx_of))
         finally:
             llama_cpp.llama_sampler_free(chain)
             llama_cpp.llama_batch_free(batch)
@@ -243,7 +245,33 @@ def record_batches(
         "recorded_unix": time.time(),
         "batches": rows,
         "sample_s": sample_s,
+        "state_copies": state_s,
     }
+
+
+def _time_state_copies(llama_cpp: Any, ctx: Any, ctx_of: list[int]) -> list[dict[str, float]]:
+    """Time what llama-server does with sequence states: save to and load from the prompt cache, checkpoints.
+
+    server-context.cpp ``prompt_save`` sizes the state, allocates a buffer and copies the state out
+    (``llama_state_seq_get_data_ext``); ``prompt_load`` copies it back (``..._set_data_ext``);
+    ``create_checkpoint`` copies the sliding-window part (``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``).
+    """
+    rows = []
+    for q, n in enumerate(ctx_of):
+        if n <= 0:
+            continue
+        for kind, flags in (("save", 0), ("checkpoint", llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)):
+            t0 = time.perf_counter()
+            size = int(llama_cpp.llama_state_seq_get_size_ext(ctx, q, flags))
+            buf = (ctypes.c_uint8 * size)()
+            got = int(llama_cpp.llama_state_seq_get_data_ext(ctx, buf, size, q, flags))
+            t1 = time.perf_counter()
+            rows.append({"kind": kind, "n_tokens": n, "bytes": got, "s": t1 - t0})
+            if kind == "save":
+                t0 = time.perf_counter()
+                llama_cpp.llama_state_seq_set_data_ext(ctx, buf, size, q, flags)
+                rows.append({"kind": "load", "n_tokens": n, "bytes": size, "s": time.perf_counter() - t0})
+    return rows
 
 
 def batch_counts(rec: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -284,9 +312,11 @@ def fit_server_host_model(rec: dict[str, Any], *, type_k: str = "f16", type_v: s
         raise LlamatierError("the recorded batches cannot separate the host model's terms: record the default program")
     coef = nnls(a / scale, np.ones(t.size)) / scale
     sample = float(np.median(rec["sample_s"])) if rec.get("sample_s") else 0.0
+    copies = rec.get("state_copies") or []
+    copy = (sum(c["s"] for c in copies) / sum(c["bytes"] for c in copies)) if copies else 0.0
     s = rec["settings"]
-    terms = (*TERMS, "sample")
-    serial = (*(float(v) for v in coef), sample)
+    terms = (*TERMS, "sample", "copy_bytes")
+    serial = (*(float(v) for v in coef), sample, float(copy))
     model = HostComputeModel(
         terms=terms,
         serial_s=serial,
@@ -303,7 +333,8 @@ def fit_server_host_model(rec: dict[str, Any], *, type_k: str = "f16", type_v: s
         fit_p95_ape=float(np.quantile(np.abs(x @ coef / t - 1), 0.95)),
         notes=(f"fitted from {t.size} server-shaped batches (median of {len(rec['batches'][0]['s'])} runs) at "
                f"n_threads={s['n_threads']}, flash_attn={s['flash_attn']}, swa_full={s['swa_full']}, "
-               f"{s['n_seq']} KV streams; sample = median of {len(rec.get('sample_s', []))} sampler calls"),
+               f"{s['n_seq']} KV streams; sample = median of {len(rec.get('sample_s', []))} sampler calls; "
+               f"copy_bytes = {len(copies)} timed state saves, loads and checkpoints"),
     )
     return BatchFit(model=model, measured_s=t, predicted_s=x @ coef)
 
@@ -314,7 +345,7 @@ def measure_server_overhead(
     rec: dict[str, Any],
     *,
     log: Path,
-    runs: int = 3,
+    runs: int = 6,
     seed: int = 7,
 ) -> dict[str, float]:
     """One-slot llama-server runs: the server's work per output token beyond the step and the sampler.

@@ -22,15 +22,21 @@ flash attention on, the CPU kernel skips masked cells, so each token's work is
 the cells it sees: its own sequence's positions, within the window on
 sliding-window layers.
 
-Matrix kernels (ggml/src/ggml-cpu/repack.cpp ``forward_mul_mat_one_chunk``):
-weights repacked for the CPU (Q4_0, Q4_K, IQ4_NL... on x86) multiply ubatches
-of four rows or more with a GEMM over groups of four rows, and the remaining
-``n_tokens % 4`` rows one at a time with a GEMV; each kernel used streams the
-weights once more, and GEMV rows cost more than GEMM rows.
+Matrix kernels (ggml/src/ggml-cpu/repack.cpp ``forward_mul_mat_one_chunk``;
+which types are repacked: ``ggml_repack_get_optimal_repack_type``, on x86 with
+AVX2 Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL...): a repacked matrix multiplies four rows
+or more with a GEMM over groups of four rows, and the remaining ``rows % 4``
+one at a time with a GEMV; each kernel used streams the weights once more. The
+transformer's matrices see ``n_tokens`` rows; the output matrix (the
+vocabulary projection, the largest of a small model) only the logits rows
+(``output``), which is why a decode step of five slots costs far more than one
+of four.
 
 :func:`ubatch_counts` turns a batch into the host model's work counts per
-ubatch (``step``, ``logits``, ``output``, ``token``, ``kv``, ``token_kv``;
-``gemm`` and ``gemv``: the kernels used, ``gemv_rows``: rows through the GEMV;
+ubatch (``step``, ``output``, ``token``, ``kv``, ``token_kv``; ``gemm`` and
+``gemv``: the kernels used on the transformer's matrices, ``gemv_rows``: rows
+through the GEMV; ``logits_gemm``, ``logits_gemv``, ``logits_gemv_rows``: the
+same for the output matrix;
 ``kv`` and ``token_kv`` averaged over layers, which is exact for terms linear
 in the cells); :func:`llamatier.hardware.HostComputeModel.predict_counts_s`
 prices them.
@@ -43,7 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 
 KV_PAD_CELLS = 256  # llama_kv_cache::get_n_kv pads to max(n_pad, 256)
-COUNT_TERMS = ("step", "logits", "output", "token", "kv", "token_kv", "gemm", "gemv", "gemv_rows")
+COUNT_TERMS = ("step", "output", "token", "kv", "token_kv", "gemm", "gemv", "gemv_rows",
+               "logits_gemm", "logits_gemv", "logits_gemv_rows")
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,6 @@ def ubatch_counts(segments: list[Segment], layout: KVLayout) -> dict[str, np.nda
             else:
                 tkv += sh * n_tok * n_kv
         c["step"][u] = 1.0
-        c["logits"][u] = 1.0 if outs else 0.0
         c["output"][u] = outs
         c["token"][u] = n_tok
         c["kv"][u] = kv
@@ -152,4 +158,7 @@ def ubatch_counts(segments: list[Segment], layout: KVLayout) -> dict[str, np.nda
         c["gemm"][u] = 1.0 if n_tok >= 4 else 0.0
         c["gemv"][u] = 1.0 if n_tok % 4 else 0.0
         c["gemv_rows"][u] = n_tok % 4
+        c["logits_gemm"][u] = 1.0 if outs >= 4 else 0.0  # the output matrix multiplies the logits rows only
+        c["logits_gemv"][u] = 1.0 if outs % 4 else 0.0
+        c["logits_gemv_rows"][u] = outs % 4
     return c
