@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamatier.errors import LlamatierError
-from llamatier.hardware import load_profile
+from llamatier.hardware import HostComputeModel, load_profile
 from llamatier.replay import ReplayOptions, replay
 from llamatier.serving import (
     DEFAULT_SERVING_POLICIES,
@@ -80,6 +81,29 @@ def test_one_user_one_turn_matches_replay_on_cpu_host(tiny_trace_dir: Path, tiny
     r = serve(spec, policy)
     rp = replay(tiny_trace, load_profile("cpu-host"), "static")
     np.testing.assert_allclose(r.token_latencies_s(0), rp.decode_step_s, rtol=1e-12, atol=0)
+
+
+def _tiny_host_profile(trace):  # noqa: ANN001, ANN202
+    """cpu-host with a host model for the tiny model, with every term (batch terms included)."""
+    terms = ("step", "output", "token", "kv", "token_kv", "logits_gemv", "gemm", "gemv", "gemv_rows", "logits_gemm",
+             "logits_gemv_rows")
+    hm = HostComputeModel(terms=terms, serial_s=(1e-3, 4e-3, 5e-4, 1e-6, 2e-7, 3e-3, 2e-3, 1e-3, 5e-4, 6e-3, 1e-4),
+                          parallel_s=(0.0,) * len(terms), k_types=(trace.context["type_k"],),
+                          v_types=(trace.context["type_v"],), n_ubatch=int(trace.context["n_ubatch"]),
+                          model_name=trace.model.name)
+    return load_profile("cpu-host").with_host_model(hm, name="tiny-host")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_one_user_one_turn_matches_replay_with_a_host_model(tiny_trace_dir: Path, tiny_trace, policy: str) -> None:
+    """Steps priced per llama.cpp ubatch (each sequence with its own cells) still give the replay's latencies."""
+    prof = _tiny_host_profile(tiny_trace)
+    spec = spec_of([tiny_trace_dir], workload={"profile": "cpu-host"}, server={"flash_attn": "off", "swa_full": True})
+    r = serve(spec, policy, profile=prof)
+    rp = replay(tiny_trace, prof, "static")
+    assert any("calibrated host model" in n for n in r.notes)
+    np.testing.assert_allclose(r.token_latencies_s(0), rp.decode_step_s, rtol=1e-12, atol=0)
+    assert r.requests_frame()["ttft_s"][0] == pytest.approx(rp.summary()["latency"]["ttft_s"], rel=1e-12)
 
 
 def test_llamacpp_server_over_vram_runs_like_static_nkvo(tiny_trace_dir: Path, tiny_trace) -> None:
@@ -173,7 +197,11 @@ def test_dropping_kv_is_counted_as_recompute(tiny_trace_dir: Path, short_trace_d
 
 
 def test_shared_prefix_is_stored_once_by_paged_policies(tiny_trace_dir: Path) -> None:
-    """Staggered sessions: lru computes the shared prefix once; llama.cpp's fresh slots each compute it again."""
+    """Staggered sessions: lru computes the shared prefix once; llama-server computes it once per slot.
+
+    llama-server never shares cells between slots: a request finds the prefix only by taking over an idle
+    slot that holds another session (by prompt similarity), else it computes the prefix in its own slot.
+    """
     P = 160
     spec = spec_of([tiny_trace_dir], users={"count": 8, "ramp_s": 0.05}, prefix={"shared_tokens": P})
     lru = serve(spec, "vllm-lru", check=True).requests_frame().sort("arrival_s")
@@ -181,9 +209,13 @@ def test_shared_prefix_is_stored_once_by_paged_policies(tiny_trace_dir: Path) ->
     assert lru["reused_hbm_tokens"][0] == 0
     assert (lru["reused_hbm_tokens"].to_numpy()[1:] >= full).all()  # the prefix blocks, stored once, found by all
     assert (lru["recomputed_tokens"].to_numpy() < 16).all()
-    slots = serve(spec, "llamacpp-server").requests_frame().sort("arrival_s")
-    assert (slots["reused_tokens"].to_numpy() == 0).all()  # one fresh slot per user: each holds its own copy
-    np.testing.assert_array_equal(slots["recomputed_tokens"].to_numpy(), [0] + [P] * 7)
+    served = serve(spec, "llamacpp-server")
+    slots = served.requests_frame().sort("arrival_s")
+    reused = slots["reused_tokens"].to_numpy()
+    assert set(reused.tolist()) <= {0, P} and reused[0] == 0
+    # every slot that served a request computed the prefix once: requests that found it took over a used slot
+    assert (reused == 0).sum() == slots["slot"].n_unique()
+    np.testing.assert_array_equal(slots["recomputed_tokens"].to_numpy() + reused, [0] + [P] * 7)
 
 
 # -- determinism -------------------------------------------------------------------------------
@@ -317,6 +349,17 @@ def test_measured_prefill_needs_the_traced_model_on_a_host(tiny_trace_dir: Path)
     measured = float(tr.steps["decode_s"].to_numpy()[~tr.is_decode].sum())
     assert r.requests_frame()["ttft_s"][0] == pytest.approx(measured, rel=1e-9)
 
+
+
+def test_measured_prefill_grows_with_context(tiny_trace_dir: Path, tiny_trace) -> None:
+    """A later turn's prompt sits on a longer context: its measured-per-token prefill costs more per token."""
+    spec = spec_of([tiny_trace_dir], workload={"profile": "cpu-host"}, sessions={"turns": 2},
+                   server={"prefill_cost": "measured"})
+    df = serve(spec, "llamacpp-server").requests_frame()
+    per_token = float(tiny_trace.steps["decode_s"].to_numpy()[~tiny_trace.is_decode].sum()) / df["prompt_tokens"][0]
+    second = df.filter(pl.col("turn") == 1)
+    new = int(second["prompt_tokens"][0] - second["reused_tokens"][0])
+    assert second["ttft_s"][0] > 1.02 * per_token * new  # flat per-token cost would give exactly per_token * new
 
 def test_users_run_sessions_back_to_back(tiny_trace_dir: Path, short_trace_dir: Path) -> None:
     spec = busy_spec([tiny_trace_dir, short_trace_dir], users=3)

@@ -22,6 +22,7 @@ from llamatier.kvtypes import KVType
 from llamatier.policies import StartDecision
 from llamatier.replay import ReplayOptions, cost_model_for, prepare
 from llamatier.serving.plan import TraceShape, trace_shape
+from llamatier.serving.ubatch import KVLayout
 from llamatier.serving.workload import WorkloadError, WorkloadSpec
 from llamatier.target import TargetModel, resolve_geometry
 from llamatier.trace import Trace, load_trace
@@ -62,6 +63,18 @@ class ServingContext:
     def block_bytes(self) -> int:
         """Bytes of one KV block (block_tokens tokens, all layers)."""
         return self.block_tokens * self.bytes_per_token
+
+    def kv_layout(self) -> KVLayout:
+        """What decides the cells each layer attends in the server's llama.cpp (windows, caches, flash attention)."""
+        sv = self.spec.server
+        hm = self.profile.compute.host_model
+        return KVLayout(
+            windows=tuple(int(w) for w in self.windows[self.kind_of_layer]),
+            n_ctx_seq=sv.slot_context_tokens,
+            n_ubatch=int(hm.n_ubatch) if hm is not None and hm.n_ubatch else 512,
+            swa_full=sv.swa_full,
+            flash_attn=sv.flash_attn != "off",  # "auto" resolves to on for the CPU backend
+        )
 
     def cost_model(self, dram_reads: str) -> tuple[CostModel, list[str]]:
         """The replay's cost model for this target and profile with a DRAM read mode (cached)."""

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from llamatier.errors import LlamatierError
+from llamatier.hardware.hostmodel import BASE_TERMS
 from llamatier.serving.context import ServingContext
 from llamatier.serving.plan import Plan
 from llamatier.serving.policies.base import ServingPolicy
 from llamatier.serving.requests import DECODE, DONE, PREFILL, WAITING, Request
 from llamatier.serving.traffic import TrafficBuffer, TrafficCounter
+from llamatier.serving.ubatch import Segment, ubatch_counts
 
 MAX_CHUNK_STEPS = 16
 CHUNK_SAFETY = 0.5
@@ -78,6 +80,8 @@ class _Chunk:
         self.token_rids: list[np.ndarray] = []
         self.token_rows: list[np.ndarray] = []
         self.finished: list[tuple[Request, int]] = []
+        self.host_counts = np.zeros((k, len(BASE_TERMS)))  # host-model work counts per step (ubatches summed)
+        self.host_copy_bytes = np.zeros(k)  # synchronous state copies in host memory (prompt cache, checkpoints)
 
 
 def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: bool = False) -> ServeRecord:
@@ -88,7 +92,13 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
     model, cost_notes = ctx.cost_model(policy.dram_reads)
     counter = TrafficCounter(ctx.bytes_per_token_layer, ctx.windows, ctx.kind_of_layer, ctx.block_tokens)
     measured = sv.prefill_cost == "measured"
-    per_token_prefill_s = np.array([s.prefill_s_per_token for s in ctx.shapes])
+    host_model = ctx.profile.compute.host_model if model.host_model_args is not None else None
+    layout = ctx.kv_layout()
+    if measured:  # measured prefill: each trace's own time, scaled by how the model's cost grows with context
+        def alone(c0: int, k: int, out: bool) -> float:
+            return _prefill_alone_s(ctx, model, counter, host_model, layout, c0, k, out)
+        prefill_scale = np.array([_measured_scale(t, sh.prefill_s, alone) for t, sh in zip(ctx.traces, ctx.shapes,
+                                                                                             strict=True)])
     reqs = [
         Request(i, int(plan.req_session[i]), int(plan.req_turn[i]), int(plan.req_trace[i]),
                 int(plan.req_history_tokens[i] + plan.req_new_tokens[i]), int(plan.req_decode_steps[i]))
@@ -119,6 +129,7 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
             waiting.append(r)
             policy.arrived(r, t)
         policy.tick(t)
+        policy.order_waiting(waiting)
         while waiting and len(running) < sv.max_batch_seqs:
             r = waiting[0]
             known = max(int(computed[r.session]), plan.prefix_tokens if prefix_done else 0)
@@ -135,6 +146,8 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
             r.prefill_left = r.prompt_tokens - got
             r.phase = PREFILL
             r.admissions += 1
+            sid = policy.seq_id(r)
+            r.slot = -1 if sid is None else int(sid)
             if r.admit_step < 0:
                 r.admit_step = step
             running.append(r)
@@ -157,7 +170,7 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
         ch = _Chunk(k_max, ctx.n_layers, measured)
         rows = 0
         for _ in range(k_max):
-            batch, n = _form_batch(running, sv.max_batch_tokens)
+            batch, n = policy.form_batch(running, sv.max_batch_tokens)
             if not batch:
                 break
             preempted = policy.make_room(batch, n)
@@ -176,20 +189,24 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
                 if not batch:
                     break
             c = np.fromiter((r.ctx for r in batch), dtype=np.int64, count=len(batch))
+            is_dec = np.fromiter((r.phase == DECODE for r in batch), dtype=bool, count=len(batch))
+            if host_model is not None:  # measured prefill: the host model prices the decode part only
+                part = is_dec if measured else np.ones(len(batch), dtype=bool)
+                _host_counts(ch, rows, policy, layout, [r for r, p in zip(batch, part, strict=True) if p],
+                             c[part], n[part])
             seg_end, seg_tier = policy.layout(batch, c, n)
             counter.fill(ch.buf, rows, c, n, seg_end, seg_tier)
             mb, mc = policy.take_moves()
             ch.buf.move_bytes[rows], ch.buf.move_count[rows] = mb, mc
-            is_dec = np.fromiter((r.phase == DECODE for r in batch), dtype=bool, count=len(batch))
             if measured:
                 ch.has_decode[rows] = bool(is_dec.any())
                 if is_dec.any():
                     counter.fill(ch.dec_buf, rows, c[is_dec], n[is_dec], seg_end[is_dec], seg_tier[is_dec])
                 ch.dec_buf.move_bytes[rows], ch.dec_buf.move_count[rows] = mb, mc
-                pre = ~is_dec
-                ch.measured_prefill_s[rows] = float(
-                    (n[pre] * per_token_prefill_s[[r.trace for r, p in zip(batch, pre, strict=True) if p]]).sum()
-                ) if pre.any() else 0.0
+                ch.measured_prefill_s[rows] = sum(
+                    prefill_scale[r.trace] * alone(int(ci), int(ni), ni == r.prefill_left)
+                    for r, ci, ni, d in zip(batch, c, n, is_dec, strict=True) if not d
+                )
             ch.occ[rows] = policy.occupancy_bytes()
             ch.seqs[rows] = len(batch)
             ch.decode[rows] = int(is_dec.sum())
@@ -237,9 +254,22 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
         # -- cost the chunk ---------------------------------------------------------------
         costs = model.evaluate(ch.buf.traffic(rows))
         step_s = costs.step_s
+        host_s = None
+        if host_model is not None:  # the host model per ubatch, each sequence with its own cells
+            dram = ctx.profile.tier("dram")
+            counts = dict(zip(BASE_TERMS, ch.host_counts[:rows].T, strict=True))
+            copy_term = "copy_bytes" in host_model.terms  # else: a plain copy at DRAM bandwidth
+            if copy_term:
+                counts["copy_bytes"] = ch.host_copy_bytes[:rows]
+            host_s = host_model.predict_counts_s(counts, **_host_types(model.host_model_args)) + (
+                0.0 if copy_term else ch.host_copy_bytes[:rows] * (1.0 / dram.read_bytes_per_s + 1.0 / dram.write_bytes_per_s)
+            )
         if measured:
             dc = model.evaluate(ch.dec_buf.traffic(rows))
-            step_s = np.where(ch.has_decode[:rows], dc.step_s, 0.0) + ch.measured_prefill_s[:rows]
+            dec_s = dc.step_s if host_s is None else dc.step_s - dc.compute_s + host_s
+            step_s = np.where(ch.has_decode[:rows], dec_s, 0.0) + ch.measured_prefill_s[:rows]
+        elif host_s is not None:
+            step_s = step_s - costs.compute_s + host_s
         starts = t + np.concatenate([[0.0], np.cumsum(step_s)[:-1]])
         ends = starts + step_s
         first_step = step - rows
@@ -297,25 +327,50 @@ def _next_think(plan: Plan, r: Request) -> float | None:
     return float(plan.req_think_s[nxt]) if nxt >= 0 else None
 
 
-def _form_batch(running: list[Request], max_tokens: int) -> tuple[list[Request], np.ndarray]:
-    """Decoding sequences first (one token each), then prefill chunks in admission order."""
-    batch: list[Request] = []
-    n: list[int] = []
-    budget = max_tokens
-    for r in running:
-        if r.phase == DECODE and budget > 0:
-            batch.append(r)
-            n.append(1)
-            budget -= 1
-    for r in running:
-        if budget <= 0:
-            break
-        if r.phase == PREFILL:
-            k = min(r.prefill_left, budget)
-            batch.append(r)
-            n.append(k)
-            budget -= k
-    return batch, np.asarray(n, dtype=np.int64)
+def _host_counts(ch: _Chunk, row: int, policy: ServingPolicy, layout, batch: list[Request],  # noqa: ANN001
+                 c: np.ndarray, n: np.ndarray) -> None:
+    """One step's host-model work counts: llama.cpp's ubatches of the batch, each sequence with its own cells."""
+    segs = []
+    outs = 0
+    for i, (r, ci, ni) in enumerate(zip(batch, c.tolist(), n.tolist(), strict=True)):
+        out = r.phase == DECODE or ni == r.prefill_left  # a decode token, or the prompt's last chunk
+        outs += out
+        seq = policy.seq_id(r)
+        segs.append(Segment(seq=i if seq is None else seq, ctx=int(ci), n=int(ni), out=out))
+    counts = ubatch_counts(segs, layout)
+    for j, term in enumerate(BASE_TERMS):
+        if term in counts:
+            ch.host_counts[row, j] = float(counts[term].sum())
+    ch.host_counts[row, BASE_TERMS.index("sample")] = outs  # the server samples each output after the step
+    ch.host_copy_bytes[row] = policy.take_host_copy_bytes()
+
+
+def _prefill_alone_s(ctx: ServingContext, model, counter: TrafficCounter, host_model, layout,  # noqa: ANN001
+                     c0: int, k: int, out: bool) -> float:
+    """The model's time for one sequence's prompt chunk of ``k`` tokens after ``c0``, alone in a step."""
+    if host_model is not None:
+        counts = ubatch_counts([Segment(seq=0, ctx=c0, n=k, out=out)], layout)
+        return float(host_model.predict_counts_s({t: v.sum(keepdims=True) for t, v in counts.items()},
+                                                 **_host_types(model.host_model_args))[0])
+    buf = TrafficBuffer.empty(1, ctx.n_layers)
+    fast = 1 if ctx.host_only else 0
+    end = np.full((1, 3), c0 + k, dtype=np.int64)
+    counter.fill(buf, 0, np.array([c0]), np.array([k]), end, np.full((1, 3), fast, dtype=np.int64))
+    return float(model.evaluate(buf.traffic(1)).step_s[0])
+
+
+def _measured_scale(trace, measured_s: float, alone) -> float:  # noqa: ANN001
+    """A trace's measured prefill time over the model's time for the same prompt chunks."""
+    dec = trace.is_decode
+    pos0 = trace.steps["pos0"].to_numpy()[~dec]
+    nt = trace.steps["n_tokens"].to_numpy()[~dec]
+    out = (trace.steps["token_out"].to_numpy() >= 0)[~dec]
+    model_s = sum(alone(int(p), int(k), bool(o)) for p, k, o in zip(pos0, nt, out, strict=True))
+    return measured_s / model_s if model_s > 0 else 0.0
+
+
+def _host_types(args: dict) -> dict:
+    return {"type_k": args["type_k"], "type_v": args["type_v"], "n_threads": args["n_threads"]}
 
 
 def _check_capacity(ctx: ServingContext, policy: ServingPolicy, occ: np.ndarray, step: int) -> None:

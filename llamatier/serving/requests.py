@@ -39,6 +39,7 @@ class Request:
         "known_total",
         "preemptions",
         "admissions",
+        "slot",
     )
 
     def __init__(self, rid: int, session: int, turn: int, trace: int, prompt_tokens: int, decode_total: int) -> None:
@@ -64,6 +65,7 @@ class Request:
         self.known_total = 0  # known_tokens summed over admissions (= reused_tokens + recomputed_tokens)
         self.preemptions = 0
         self.admissions = 0
+        self.slot = -1  # the server slot (llama.cpp sequence) of its last admission; -1: the policy has none
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Request(rid={self.rid}, session={self.session}, turn={self.turn}, ctx={self.ctx}, phase={self.phase})"

@@ -84,6 +84,7 @@ class ServeResult:
             recomputed_tokens=np.array([r.recomputed_tokens for r in reqs]),
             known_tokens=np.array([r.known_total for r in reqs]),
             admissions=np.array([r.admissions for r in reqs]),
+            slot=np.array([r.slot for r in reqs]),
             preemptions=np.array([r.preemptions for r in reqs]),
             completed=np.array([r.finish_step >= 0 for r in reqs]),
         )

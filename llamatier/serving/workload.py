@@ -27,6 +27,7 @@ class WorkloadError(LlamatierError):
 
 THINK_DISTRIBUTIONS = ("exponential", "fixed")
 PREFILL_COSTS = ("model", "measured")
+FLASH_ATTN = ("auto", "on", "off")
 
 # section -> allowed keys (the schema; docs/serving.md documents each)
 _SCHEMA: dict[str, tuple[str, ...]] = {
@@ -42,6 +43,8 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
         "cache_ram",
         "block_tokens",
         "prefill_cost",
+        "flash_attn",
+        "swa_full",
         "hbm_budget",
         "dram_budget",
         "ssd_budget",
@@ -62,6 +65,8 @@ class ServerSpec:
     cache_ram_bytes: int = 8 * 1024**3  # llama.cpp server --cache-ram (host prompt cache), default 8192 MiB
     block_tokens: int | None = None  # KV block (page) size in tokens; None: the first trace's block size
     prefill_cost: str = "model"  # "model": the cost model; "measured": the traces' measured prefill time (host)
+    flash_attn: str = "auto"  # llama.cpp -fa: "auto" (on for the CPU backend), "on", "off"
+    swa_full: bool = False  # llama.cpp --swa-full: sliding-window layers keep every cell
     budgets_bytes: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
 
 
@@ -220,6 +225,12 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
     prefill_cost = v.opt_str(sv, "server", "prefill_cost") or d.prefill_cost
     if prefill_cost not in PREFILL_COSTS:
         v.fail("server.prefill_cost", f"unknown {prefill_cost!r}: use {' or '.join(PREFILL_COSTS)}")
+    flash_attn = v.opt_str(sv, "server", "flash_attn") or d.flash_attn
+    if flash_attn not in FLASH_ATTN:
+        v.fail("server.flash_attn", f"unknown {flash_attn!r}: use {', '.join(FLASH_ATTN)} (llama.cpp -fa)")
+    swa_full = sv.get("swa_full", d.swa_full)
+    if not isinstance(swa_full, bool):
+        v.fail("server.swa_full", f"must be true or false (got {swa_full!r})")
     server = ServerSpec(
         slot_context_tokens=v.int_(sv, "server", "slot_context_tokens", default=d.slot_context_tokens, lo=1),
         n_parallel=n_parallel,
@@ -228,6 +239,8 @@ def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir
         cache_ram_bytes=v.size(sv, "server", "cache_ram", default=d.cache_ram_bytes),
         block_tokens=v.int_(sv, "server", "block_tokens", default=None, lo=1),
         prefill_cost=prefill_cost,
+        flash_attn=flash_attn,
+        swa_full=swa_full,
         budgets_bytes=budgets,  # type: ignore[arg-type]
     )
     if prefix >= server.slot_context_tokens:

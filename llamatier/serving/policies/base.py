@@ -28,9 +28,12 @@ import numpy as np
 
 from llamatier.errors import LlamatierError
 from llamatier.registry import SERVING_POLICIES
+from llamatier.serving.requests import DECODE, PREFILL
 from llamatier.tiers import N_TIERS, N_TIMINGS, MoveTiming
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from llamatier.serving.context import ServingContext
     from llamatier.serving.plan import Plan
     from llamatier.serving.requests import Request
@@ -88,6 +91,37 @@ class ServingPolicy(ABC):
     @abstractmethod
     def occupancy_bytes(self) -> np.ndarray:
         """Bytes held (or reserved) per tier now, float64 [4]."""
+
+    def form_batch(self, running: list[Request], max_tokens: int) -> tuple[list[Request], np.ndarray]:
+        """This step's batch: decoding sequences first (one token each), then prefill chunks in admission order."""
+        batch: list[Request] = []
+        n: list[int] = []
+        budget = max_tokens
+        for r in running:
+            if r.phase == DECODE and budget > 0:
+                batch.append(r)
+                n.append(1)
+                budget -= 1
+        for r in running:
+            if budget <= 0:
+                break
+            if r.phase == PREFILL:
+                k = min(r.prefill_left, budget)
+                batch.append(r)
+                n.append(k)
+                budget -= k
+        return batch, np.asarray(n, dtype=np.int64)
+
+    def order_waiting(self, waiting: deque[Request]) -> None:  # noqa: B027 - optional hook
+        """Reorder the waiting queue in place before admissions (default: first come, first served)."""
+
+    def seq_id(self, req: Request) -> int | None:
+        """The llama.cpp sequence (KV stream) of a running request, or None: its place in the batch."""
+        return None
+
+    def take_host_copy_bytes(self) -> float:
+        """Bytes copied within host memory since the last call (synchronous state copies)."""
+        return 0.0
 
     def observe(self, step_s: np.ndarray, batch_seqs: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Costed times of the steps just run and their batch sizes (causal feedback)."""

@@ -1,31 +1,26 @@
 """llama.cpp server's own KV handling: fixed slots, per-slot context reserved up front, host prompt cache.
 
-What llama-server does (tools/server, with the host-memory prompt cache of
-ggml-org/llama.cpp PR #16391), reproduced here:
+What llama-server does, reproduced here (the rules, each with the source
+function it is read from, are in :mod:`llamatier.serving.slots`):
 
 - ``-np n_parallel`` slots share ``-c n_ctx = n_parallel * slot_context_tokens``
   cells, all allocated when the context is created: in VRAM if they fit beside
   the weights, else (``-nkvo``) in host memory with attention on the CPU; beyond
   host memory the server does not start (no invented fallback).
-- A request takes an idle slot: the one whose cached tokens share the longest
-  common prefix with its prompt when that covers more than
-  ``slot_prompt_similarity`` (0.5) of the prompt, else the least recently used.
-  Requests beyond the idle slots wait in a FIFO queue. The slot keeps the
-  common prefix of its cells and prefills the rest of the prompt.
-- Host prompt cache (``--cache-ram``, 8192 MiB by default; at most ``n_ctx``
-  cached tokens): before a slot is reused by another conversation its state is
-  saved to host RAM; when a cached state shares a longer prefix with the new
-  prompt than the slot does, it is loaded into the slot. Entries are whole
-  conversation states, evicted least-recently-used. Saves and loads are
-  synchronous copies (``llama_state_seq_get/set_data``), one transfer per
-  layer and K/V tensor.
-- Each slot holds its own copy of a shared system prompt (llama.cpp does not
-  share cells between slots); reuse of the prompt comes from the prefix match.
+- A request takes an idle slot by prompt similarity (``--slot-prompt-similarity``,
+  0.1) or, failing that, the least recently used one; requests beyond the idle
+  slots wait (FIFO). The slot keeps the longest common prefix, subject to the
+  sliding-window cache's context checkpoints.
+- The host prompt cache (``--cache-ram``, 8192 MiB) saves a slot's state before
+  another conversation takes it, and loads back the entry that serves the new
+  prompt better. Saves, loads and checkpoints are synchronous copies.
+- Prompts are batched in slot order after the generating slots, split before
+  their last ``4 + n_ubatch`` and last 4 tokens on sliding-window models (for
+  checkpoints). Each slot holds its own copy of a shared system prompt.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,26 +31,31 @@ from llamatier.serving.policies.base import (
     register_serving_policy,
     uniform_layout,
 )
+from llamatier.serving.requests import DECODE, PREFILL
+from llamatier.serving.slots import ServerConfig, Slots
 from llamatier.tiers import DRAM, HBM, MoveTiming
 from llamatier.units import format_bytes
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from llamatier.serving.context import ServingContext
     from llamatier.serving.plan import Plan
     from llamatier.serving.requests import Request
 
 DEFAULT_OPEN_LOOP_SLOTS = 4
+DEFAULT_SLOT_PROMPT_SIMILARITY = 0.1  # common/common.h: slot_prompt_similarity
 
 
 @register_serving_policy
 class LlamaCppServerPolicy(ServingPolicy):
-    """llama-server: n_parallel slots each reserving n_ctx/n_parallel; 8 GiB host prompt cache; FIFO queue."""
+    """llama-server: n_parallel slots each reserving n_ctx/n_parallel; host prompt cache; FIFO queue."""
 
     name = "llamacpp-server"
     summary = "llama.cpp server: n_parallel slots reserved up front (VRAM, else -nkvo host), host prompt cache, FIFO queue"
     dram_reads = "host"
 
-    def __init__(self, slot_prompt_similarity: float = 0.5) -> None:
+    def __init__(self, slot_prompt_similarity: float = DEFAULT_SLOT_PROMPT_SIMILARITY) -> None:
         super().__init__()
         self.similarity = float(slot_prompt_similarity)
 
@@ -83,7 +83,6 @@ class LlamaCppServerPolicy(ServingPolicy):
         self.n_ctx = n * self.slot_tokens
         self.bpt = float(ctx.bytes_per_token)
         self.transfers = 2.0 * ctx.n_layers  # one per layer and K/V tensor
-        self.prefix = plan.prefix_tokens
         reserved = self.n_ctx * self.bpt
         caps = ctx.capacity_bytes
         self.cache_limit_bytes = float(sv.cache_ram_bytes)
@@ -104,75 +103,96 @@ class LlamaCppServerPolicy(ServingPolicy):
             self.cache_limit_bytes = max(room, 0.0)
             verdict += f"; host prompt cache cut to the {format_bytes(room)} of RAM left"
         self.reserved = reserved
-        self.slot_session = np.full(n, -1, dtype=np.int64)
-        self.slot_tokens_held = np.zeros(n, dtype=np.int64)
-        self.slot_busy = np.zeros(n, dtype=bool)
-        self.slot_last = np.zeros(n, dtype=np.int64)
+        lay = ctx.kv_layout()
+        swa = np.asarray(ctx.windows)[ctx.kind_of_layer] > 0
+        n_swa = 0 if lay.swa_full else int(max(lay.windows) if lay.windows else 0)
+        self.slots = Slots(ServerConfig(
+            n_slots=n,
+            prefix_tokens=plan.prefix_tokens,
+            n_swa=n_swa,
+            swa_cells=lay.swa_cells,
+            global_bytes_per_token=float(ctx.bytes_per_token_layer[~swa].sum()),
+            swa_bytes_per_token=float(ctx.bytes_per_token_layer[swa].sum()),
+            cache_limit_bytes=self.cache_limit_bytes,
+            n_batch=sv.max_batch_tokens,
+            n_ubatch=lay.n_ubatch,
+            similarity=self.similarity,
+        ))
         self.slot_of: dict[int, int] = {}  # rid -> slot
-        self.cache: OrderedDict[int, int] = OrderedDict()  # session -> tokens, least recent first
-        self.cache_tokens = 0
-        self.clock = 0
+        self.host_copy_bytes = 0.0
+        self.deferred: list[Request] = []  # requests refused for lack of a slot, in the order refused
+        self.released = 0  # slots released since the last admission round
         return verdict
 
-    # -- prefix matching ------------------------------------------------------------------
-    def _lcp(self, held_session: int, held_tokens: int, session: int, prompt: int) -> int:
-        if held_session < 0 or held_tokens <= 0:
-            return 0
-        if held_session == session:
-            return min(held_tokens, prompt)
-        return min(self.prefix, held_tokens, prompt)
+    # -- scheduling --------------------------------------------------------------------------
+    def order_waiting(self, waiting: deque[Request]) -> None:
+        """server-queue.cpp: a released slot moves one deferred task to the *front* of the task queue.
 
-    def _save(self, slot: int) -> None:
-        """Save a slot's state to the host prompt cache (replacing the session's older entry)."""
-        s, tok = int(self.slot_session[slot]), int(self.slot_tokens_held[slot])
-        if s < 0 or tok <= 0:
+        ``pop_deferred_task`` runs once per released slot with ``emplace_front``, so
+        deferred tasks popped in one iteration run last-popped first, ahead of tasks
+        not yet tried; deferred tasks not popped keep waiting.
+        """
+        if not self.deferred:
+            self.released = 0
             return
-        if s in self.cache:
-            self.cache_tokens -= self.cache.pop(s)
-        if tok * self.bpt > self.cache_limit_bytes or tok > self.n_ctx:
-            return
-        self.add_move(self.tier, DRAM, tok * self.bpt, self.transfers, MoveTiming.DEMAND)
-        self.cache[s] = tok
-        self.cache_tokens += tok
-        while self.cache_tokens * self.bpt > self.cache_limit_bytes or self.cache_tokens > self.n_ctx:
-            _, t = self.cache.popitem(last=False)
-            self.cache_tokens -= t
+        popped = [r for r in self.deferred[: self.released]]
+        head = set(id(r) for r in popped)
+        rest = [r for r in waiting if id(r) not in head]
+        waiting.clear()
+        waiting.extend(reversed(popped))
+        waiting.extend(r for r in rest if r not in self.deferred)  # tasks not tried yet, in arrival order
+        waiting.extend(r for r in self.deferred[self.released:] if r in rest)  # still deferred
+        self.released = 0
 
     def admit(self, req: Request, now_s: float) -> int | None:
-        idle = np.flatnonzero(~self.slot_busy)
-        if idle.size == 0:
+        launch = self.slots.start(req.session, req.prompt_tokens)
+        if launch is None:
+            if req not in self.deferred:
+                self.deferred.append(req)  # server_queue::defer
             return None
-        P = req.prompt_tokens
-        lcps = np.array([self._lcp(int(self.slot_session[i]), int(self.slot_tokens_held[i]), req.session, P) for i in idle])
-        best = int(np.argmax(lcps))
-        if P > 0 and lcps[best] > self.similarity * P:
-            slot = int(idle[best])
-        else:
-            slot = int(idle[np.argmin(self.slot_last[idle])])  # least recently used (never used: 0)
-        keep = self._lcp(int(self.slot_session[slot]), int(self.slot_tokens_held[slot]), req.session, P)
-        cached = [(self._lcp(s, tok, req.session, P), s) for s, tok in self.cache.items()]
-        found_tier = self.tier
-        if cached:
-            c_lcp, c_sess = max(cached)
-            if c_lcp > keep:
-                tok = self.cache.pop(c_sess)
-                self.cache_tokens -= tok
-                if self.slot_session[slot] != req.session:
-                    self._save(slot)
-                self.add_move(DRAM, self.tier, tok * self.bpt, self.transfers, MoveTiming.DEMAND)
-                keep, found_tier = c_lcp, DRAM
-        if found_tier == self.tier and self.slot_session[slot] not in (-1, req.session):
-            self._save(slot)
-        keep = min(keep, max(P - 1, 0))  # the last prompt token is always evaluated (its logits give the first output)
-        self.slot_session[slot] = req.session
-        self.slot_tokens_held[slot] = keep
-        self.slot_busy[slot] = True
-        self.clock += 1
-        self.slot_last[slot] = self.clock
-        self.slot_of[req.rid] = slot
+        if req in self.deferred:
+            self.deferred.remove(req)
+        self._copy(launch.saved_bytes, to_host=True)
+        self._copy(launch.loaded_bytes, to_host=False)
+        self.slot_of[req.rid] = launch.slot
         req.reused_by_tier = np.zeros(4, dtype=np.int64)
-        req.reused_by_tier[found_tier] = keep
-        return keep
+        req.reused_by_tier[DRAM if launch.from_cache and self.tier != DRAM else self.tier] = launch.n_past
+        return launch.n_past
+
+    def _copy(self, nbytes: float, *, to_host: bool) -> None:
+        """A synchronous state copy between the slot's KV and host memory (prompt cache, checkpoints)."""
+        if nbytes <= 0:
+            return
+        if self.tier == DRAM:
+            self.host_copy_bytes += nbytes
+        elif to_host:
+            self.add_move(self.tier, DRAM, nbytes, self.transfers, MoveTiming.DEMAND)
+        else:
+            self.add_move(DRAM, self.tier, nbytes, self.transfers, MoveTiming.DEMAND)
+
+    def seq_id(self, req: Request) -> int:
+        return self.slot_of[req.rid]
+
+    def form_batch(self, running: list[Request], max_tokens: int) -> tuple[list[Request], np.ndarray]:
+        """server-context.cpp ``pre_decode``: generating slots in slot order, then prompts in slot order."""
+        by_slot = sorted(running, key=lambda r: self.slot_of[r.rid])
+        batch: list[Request] = [r for r in by_slot if r.phase == DECODE]
+        n: list[int] = [1] * len(batch)
+        used = len(batch)
+        for r in by_slot:
+            if r.phase != PREFILL or used >= max_tokens:
+                continue
+            slot = self.slot_of[r.rid]
+            k = self.slots.prompt_chunk(slot, r.prefill_left, max_tokens - used)
+            self._copy(self.slots.before_prompt_batch(slot, k, r.prefill_left), to_host=True)
+            batch.append(r)
+            n.append(k)
+            used += k
+        return batch, np.asarray(n, dtype=np.int64)
+
+    def take_host_copy_bytes(self) -> float:
+        b, self.host_copy_bytes = self.host_copy_bytes, 0.0
+        return b
 
     def make_room(self, batch: list[Request], new_tokens: np.ndarray) -> list[Request]:
         return []  # every slot's cells were reserved at start
@@ -180,21 +200,21 @@ class LlamaCppServerPolicy(ServingPolicy):
     def layout(self, batch: list[Request], c: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return uniform_layout(c, n, self.tier)
 
+    def commit(self, batch: list[Request], c: np.ndarray, n: np.ndarray) -> None:
+        for r, k in zip(batch, n.tolist(), strict=True):
+            self.slots.add_tokens(self.slot_of[r.rid], int(k))
+
     def release(self, req: Request) -> None:
-        slot = self.slot_of.pop(req.rid)
-        self.slot_busy[slot] = False
-        self.slot_tokens_held[slot] = req.ctx
-        self.clock += 1
-        self.slot_last[slot] = self.clock
+        self.slots.release(self.slot_of.pop(req.rid))
+        self.released += 1
 
     def occupancy_bytes(self) -> np.ndarray:
         occ = np.zeros(4)
         occ[self.tier] += self.reserved
-        occ[DRAM] += self.cache_tokens * self.bpt
+        occ[DRAM] += self.slots.cache_bytes()
         return occ
 
     def check(self) -> None:
-        assert self.cache_tokens == sum(self.cache.values())
-        assert self.cache_tokens * self.bpt <= self.cache_limit_bytes + 1e-6
-        assert (self.slot_tokens_held <= self.slot_tokens).all()
-        assert int(self.slot_busy.sum()) == len(self.slot_of)
+        assert self.slots.cache_bytes() <= self.cache_limit_bytes + 1e-6
+        assert all(h.n_tokens <= self.slot_tokens for h in self.slots.held)
+        assert sum(self.slots.busy) == len(self.slot_of)
