@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32, help="llama-server slots in the fixed-slots variant")
     ap.add_argument("--max-users", type=int, default=512)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--policy", action="append", default=None, help="only these policies (repeat)")
     args = ap.parse_args()
     base = load_workload(args.workload)
     small = dataclasses.replace(
@@ -77,6 +78,8 @@ def main() -> None:
         (f"DRAM for KV {args.small_dram}", small, [p for p in DEFAULT_SERVING_POLICIES if p != "llamacpp-server"]),
         (f"llama-server -np {args.slots}", fixed, ["llamacpp-server"]),
     ]
+    if args.policy:
+        variants = [(label, spec, [p for p in pols if p in args.policy]) for label, spec, pols in variants]
     tpot, ttft = args.slo_tpot_ms / 1e3, args.slo_ttft_ms / 1e3
     rows = []
     for label, spec, policies in variants:

@@ -259,3 +259,22 @@ def test_server_arguments_follow_the_workload() -> None:
     assert Case.parse("u8-np4-noprefix") == Case(8, 4, False)
     with pytest.raises(Exception, match="uUSERS-npSLOTS"):
         Case.parse("8users")
+
+
+RESULTS = REPO / "bench" / "results" / "serving-truth"
+
+
+@pytest.mark.parametrize("case", ["u4-np2-prefix", "u4-np4-noprefix", "u8-np8-prefix", "u1-np1-prefix"])
+def test_serve_replay_schedules_like_the_measured_llama_server(case: str) -> None:
+    """Which slot each request took and how many prompt tokens it reused, as a real llama-server did.
+
+    The measurements (bench/results/serving-truth) are llama-server's own ``id_slot`` and ``cache_n``
+    for each request; the prediction is serve-replay's llamacpp-server policy on the same plan.
+    """
+    from llamatier.serverbench import predict_case
+
+    c, played, _ = load_measurement(RESULTS / f"{case}.json")
+    t = request_table(played, predict_case(load_workload(WORKLOAD), c, profile=str(RESULTS / "cpu-host-server.toml")))
+    assert t["ok"].all()
+    assert (t["cache_n"] == t["pred_cache_n"]).all() and (t["prompt_n"] == t["pred_prompt_n"]).all()
+    assert (t["id_slot"] == t["pred_slot"]).all()
