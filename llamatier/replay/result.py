@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,22 @@ class ReplayResult:
     def summary(self) -> dict[str, Any]:
         """Every reported figure as a JSON-ready dict (seconds, bytes, joules)."""
         return summarize(self)
+
+    def digest(self) -> str:
+        """sha256 (hex) over the verdict and every per-step count and cost: equal digests, equal replays."""
+        h = hashlib.sha256(f"{self.runs}|{self.verdict}".encode())
+        rec, tr = self.record, self.record.traffic
+        arrays = [tr.read_bytes, tr.read_blocks, tr.read_tokens, tr.write_bytes, tr.write_blocks, tr.move_bytes,
+                  tr.move_count, rec.occupancy_bytes, rec.stored_bytes, rec.alloc_bytes, rec.freed_bytes,
+                  rec.dropped_mass, rec.visible_blocks]
+        if self.costs is not None:
+            c = self.costs
+            arrays += [c.step_s, c.compute_s, c.host_layers_s, c.hbm_s, c.host_attention_s, c.link_s, c.link_busy_s,
+                       c.link_bytes, c.fetched_layers, c.energy_weights_j, c.energy_kv_j, c.energy_transfer_j,
+                       c.energy_compute_j]
+        for a in arrays:
+            h.update(np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes())
+        return h.hexdigest()
 
 
 def _pct(x: np.ndarray, q: float) -> float:
