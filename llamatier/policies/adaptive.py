@@ -55,6 +55,16 @@ def top_k_indices(candidates: np.ndarray, priority: np.ndarray, k: int, *, large
     return cand[order]
 
 
+def stored_where(window: np.ndarray, c0: int, c1: int, n_blocks: int) -> np.ndarray:
+    """Flat indices (layer * n_blocks + block) of the True cells of columns ``c0:c1`` of a
+    [layers, n_blocks] mask, in the order ``np.flatnonzero`` gives them on the whole mask."""
+    if c0 == 0 and c1 == n_blocks:
+        return np.flatnonzero(window)
+    full = np.zeros((window.shape[0], n_blocks), dtype=bool)  # flatnonzero is ~10x faster than 2-D nonzero
+    full[:, c0:c1] = window
+    return np.flatnonzero(full)
+
+
 def prefix_fit(sizes: np.ndarray, room: float) -> int:
     """How many of the leading ``sizes`` fit together in ``room`` bytes."""
     if sizes.size == 0 or room <= 0:
@@ -120,9 +130,13 @@ class AdaptivePolicy(Policy):
         )
 
     def _priority(self, view: StepView) -> np.ndarray:
+        if not (self.sparse and view.decode):  # read every step; later layers first to go below HBM
+            L, NB = view.alive.shape
+            c0, hi = int(view.lo_alive.min()), view.hi_block
+            p = np.zeros(L * NB, dtype=np.float32)
+            np.multiply(view.visible[:, c0:hi], self.layer_tilt.reshape(L, NB)[:, c0:hi], out=p.reshape(L, NB)[:, c0:hi])
+            return p
         vis = view.visible.ravel()
-        if not (self.sparse and view.decode):
-            return vis * self.layer_tilt  # read every step; later layers first to go below HBM
         p = self.score.copy()
         if self.recent_blocks and self.recency_bonus:
             NB = view.alive.shape[1]
@@ -133,13 +147,14 @@ class AdaptivePolicy(Policy):
 
     def decide(self, view: StepView) -> StepDecision:
         occ = np.array(view.occupancy_bytes, dtype=np.float64)  # blocks staying this step, before new ones
-        new = view.new_blocks.ravel()
-        has_new = bool(new.any())
+        NB = view.alive.shape[1]
+        c0, hi = int(view.lo_alive.min()), view.hi_block  # every stored block lies in these columns
+        has_new = bool(view.new_blocks[:, view.new_lo_block : hi].any())
         P: np.ndarray | None = None  # copied on first change
         p = self._priority(view) if (self.sparse and view.decode) or not self.uniform_priority or has_new else None
         if has_new:
             P = view.placement.ravel().copy()
-            idx = np.flatnonzero(new)
+            idx = stored_where(view.new_blocks[:, view.new_lo_block : hi], view.new_lo_block, hi, NB)
             idx = idx[np.argsort(-p[idx], kind="stable")]
             start = 0
             for t in range(N_TIERS):
@@ -167,8 +182,8 @@ class AdaptivePolicy(Policy):
             if p is None:
                 p = self._priority(view)
             if old is None:
-                old = view.alive.ravel() & ~new
-            below = np.flatnonzero(old & (P > t))
+                old = view.alive[:, c0:hi] & ~view.new_blocks[:, c0:hi]
+            below = stored_where(old & (P.reshape(-1, NB)[:, c0:hi] > t), c0, hi, NB)
             if below.size == 0:
                 continue
             up = top_k_indices(below, p, moves_left, largest=True)
@@ -182,7 +197,7 @@ class AdaptivePolicy(Policy):
                 up = up[n:]
             if not may_swap or up.size == 0 or moves_left <= 1:
                 continue
-            here = np.flatnonzero(old & (P == t))
+            here = stored_where(old & (P.reshape(-1, NB)[:, c0:hi] == t), c0, hi, NB)
             down = top_k_indices(here, p, min(up.size, moves_left // 2), largest=False)
             m = min(up.size, down.size)
             if m == 0:
@@ -195,7 +210,7 @@ class AdaptivePolicy(Policy):
                 P[d] = P[u]
                 P[u] = t
                 moves_left -= 2 * int(ok.sum())
-        changed = P is not None and not np.array_equal(P, view.placement.ravel())
+        changed = P is not None and not np.array_equal(P.reshape(-1, NB)[:, c0:hi], view.placement[:, c0:hi])
         placement = P.reshape(view.alive.shape) if changed else None
         read_mask = None
         if self.sparse and view.decode:
@@ -208,7 +223,9 @@ class AdaptivePolicy(Policy):
         """New blocks that landed below a full tier take the place of that tier's lowest-priority
         blocks when they outrank them (one demotion each instead of a slow first write)."""
         moved = 0
-        old = view.alive.ravel() & ~view.new_blocks.ravel()
+        NB = view.alive.shape[1]
+        c0, hi = int(view.lo_alive.min()), view.hi_block
+        old = view.alive[:, c0:hi] & ~view.new_blocks[:, c0:hi]
         for t in range(N_TIERS - 1):
             if moved >= budget:
                 break
@@ -216,7 +233,7 @@ class AdaptivePolicy(Policy):
             if cand.size == 0:
                 continue
             cand = cand[np.argsort(-p[cand], kind="stable")][: budget - moved]
-            here = np.flatnonzero(old & (P == t))
+            here = stored_where(old & (P.reshape(-1, NB)[:, c0:hi] == t), c0, hi, NB)
             low = top_k_indices(here, p, cand.size, largest=False)
             m = min(cand.size, low.size)
             if m == 0:
@@ -238,6 +255,9 @@ class AdaptivePolicy(Policy):
         mask = np.zeros((L, NB), dtype=bool)
         np.put_along_axis(mask, top, True, axis=1)
         return mask & view.visible
+
+    def wants_mass(self) -> bool:
+        return self.sparse  # lossless priorities come from visibility alone
 
     def observe(self, view: StepView, mass: np.ndarray) -> None:
         if self.sparse:

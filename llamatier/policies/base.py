@@ -71,7 +71,11 @@ UNCHANGED = StepDecision()
 
 @dataclass(frozen=True)
 class StepView:
-    """What a policy may look at when deciding step ``step`` (all arrays read-only)."""
+    """What a policy may look at when deciding step ``step``.
+
+    All arrays are read-only and valid during the call only: the engine updates
+    its masks in place from step to step, so copy what you keep.
+    """
 
     step: int
     decode: bool
@@ -103,7 +107,15 @@ class Policy(ABC):
         """Placement (and, in sparse mode, the blocks to read) for this step."""
 
     def observe(self, view: StepView, mass: np.ndarray) -> None:  # noqa: B027 - optional hook
-        """Attention mass [n_layers, n_blocks] the step just replayed put on each block."""
+        """Attention mass [n_layers, n_blocks] the step just replayed put on each block.
+
+        Called only when :meth:`wants_mass` says so (the engine then reads the
+        trace's mass step by step; otherwise it never has to).
+        """
+
+    def wants_mass(self) -> bool:
+        """Whether :meth:`observe` needs each step's attention mass (asked after :meth:`start`)."""
+        return True
 
     def params(self) -> dict[str, Any]:
         """Tunable parameters, for reports."""

@@ -112,3 +112,6 @@ class StaticPolicy(Policy):
 
     def decide(self, view: StepView) -> StepDecision:
         return UNCHANGED
+
+    def wants_mass(self) -> bool:
+        return False

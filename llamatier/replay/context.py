@@ -6,7 +6,9 @@ on what is visible, what is stored and how many bytes a block holds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -34,7 +36,6 @@ class ReplayContext:
     type_k: KVType
     type_v: KVType
     block_tokens: int
-    mass: np.ndarray  # float32 [n_steps, n_layers, n_blocks], target layers
     n_tokens: np.ndarray  # int64 [n_steps]
     pos0: np.ndarray  # int64 [n_steps]
     ctx_tokens: np.ndarray  # int64 [n_steps]: cells holding KV after the step
@@ -54,15 +55,35 @@ class ReplayContext:
 
     @property
     def n_steps(self) -> int:
-        return int(self.mass.shape[0])
+        return int(self.hi_block.shape[0])
 
     @property
     def n_layers(self) -> int:
-        return int(self.mass.shape[1])
+        return int(self.bytes_per_token.shape[0])
 
     @property
     def n_blocks(self) -> int:
-        return int(self.mass.shape[2])
+        return int(self.hi_block.max()) if self.n_steps else 0
+
+    @property
+    def maps_layers(self) -> bool:
+        """Target layers are not the traced layers one to one (a what-if geometry)."""
+        return not (self.layer_map.size == self.trace.n_layers and (self.layer_map == np.arange(self.trace.n_layers)).all())
+
+    def iter_mass(self, *, reverse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, float32 [n_layers, n_blocks])`` of the target layers, one step at a time, read
+        from the trace chunk by chunk (``reverse``: from the last step back)."""
+        return self.trace.iter_mass(reverse=reverse, layers=self.layer_map if self.maps_layers else None)
+
+    @cached_property
+    def mass(self) -> np.ndarray:
+        """All steps' mass, float32 [n_steps, n_layers, n_blocks] (small traces: the reference engine, tests)."""
+        if not self.maps_layers:
+            return self.trace.mass
+        out = np.zeros((self.n_steps, self.n_layers, self.n_blocks), dtype=np.float32)
+        for s, m in self.iter_mass():
+            out[s] = m
+        return out
 
     @property
     def sliding_window(self) -> np.ndarray:
@@ -143,10 +164,6 @@ def prepare(trace: Trace, profile: Profile, options: ReplayOptions) -> ReplayCon
     lo_vis_pos = np.where(w[None, :] > 0, np.maximum(0, pos0[:, None] - w[None, :] + 1), 0)
     lo_vis = lo_vis_pos // B
     lo_alive = lo_vis if not options.swa_full else np.zeros_like(lo_vis)
-    same_layers = layer_map.size == trace.n_layers and (layer_map == np.arange(trace.n_layers)).all()
-    mass = trace.mass if same_layers else trace.mass[:, layer_map, :]
-    if mass.shape[2] < int(hi.max()):
-        raise LlamatierError("trace attention table is narrower than its context: re-record the trace")
 
     n_ctx = max(int(trace.n_ctx), int(ctx.max()))
     c = trace.context
@@ -198,7 +215,6 @@ def prepare(trace: Trace, profile: Profile, options: ReplayOptions) -> ReplayCon
         type_k=tk,
         type_v=tv,
         block_tokens=B,
-        mass=mass,
         n_tokens=n_tokens,
         pos0=pos0,
         ctx_tokens=ctx,

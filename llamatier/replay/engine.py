@@ -5,6 +5,10 @@ It asks the policy for a placement, then counts with whole-array operations
 blocks allocated, freed and migrated, occupancy per tier. A policy with a fixed
 placement (static) takes a faster path that counts all steps at once through
 prefix sums over the placement. The counts go to :mod:`llamatier.cost`.
+
+Memory is O(layers x blocks) of state plus the [steps, layers, 4] counts: the
+trace's attention mass is read one step at a time, and only when something
+needs it (sparse mode's dropped mass, a policy that learns from it).
 """
 
 from __future__ import annotations
@@ -75,21 +79,25 @@ def _check_capacity(caps: np.ndarray, policy: Policy, occ: np.ndarray, step: int
         )
 
 
-def _write_counts(ctx: ReplayContext, s: int, tiers_of: np.ndarray, wb: np.ndarray, wn: np.ndarray) -> None:
-    """Add step s's new K/V (positions pos0..ctx-1) to wb/wn [L, 4], by the tier of each written block."""
+def _write_counts(ctx: ReplayContext, s: int, tiers_of: np.ndarray | int, wb: np.ndarray, wn: np.ndarray) -> None:
+    """Add step s's new K/V (positions pos0..ctx-1) to wb/wn [L, 4], by the tier of each written block.
+
+    ``tiers_of``: the tier of each (layer, block), or one tier for every block.
+    """
     B = ctx.block_tokens
     p0, p1 = int(ctx.pos0[s]), int(ctx.ctx_tokens[s])
     if p1 <= p0:
         return
     lay = np.arange(ctx.n_layers)
+    one = np.full(ctx.n_layers, int(tiers_of)) if isinstance(tiers_of, (int, np.integer)) else None
     if p1 - p0 == 1:  # a decode step: one token into one block per layer
-        t = tiers_of[:, p0 // B]
+        t = one if one is not None else tiers_of[:, p0 // B]
         wb[lay, t] += ctx.bytes_per_token
         wn[lay, t] += 1
         return
     for b in range(p0 // B, (p1 - 1) // B + 1):
         tok = min(p1, (b + 1) * B) - max(p0, b * B)
-        t = tiers_of[:, b].astype(np.int64)
+        t = one if one is not None else tiers_of[:, b].astype(np.int64)
         wb[lay, t] += tok * ctx.bytes_per_token
         wn[lay, t] += 1
 
@@ -161,20 +169,55 @@ def _tier_counts(tiers: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+class _RangeMask:
+    """A bool [L, NB] mask of the blocks ``lo[l] <= b < hi``, updated in place as the ranges move.
+
+    Only the columns whose value can change are recomputed, so a step costs the
+    width of what moved, not the whole array.
+    """
+
+    def __init__(self, L: int, NB: int) -> None:
+        self.mask = np.zeros((L, NB), dtype=bool)
+        self.bidx = np.arange(NB)
+        self.lo = np.zeros(L, dtype=np.int64)
+        self.hi = 0
+
+    def update(self, lo: np.ndarray, hi: int) -> None:
+        spans = []
+        if not np.array_equal(lo, self.lo):
+            spans.append((min(int(self.lo.min()), int(lo.min())), min(int(max(self.lo.max(), lo.max())), max(hi, self.hi))))
+        if hi != self.hi:
+            spans.append((min(hi, self.hi), max(hi, self.hi)))
+        for c0, c1 in spans:
+            if c1 > c0:
+                b = self.bidx[c0:c1]
+                self.mask[:, c0:c1] = (b >= lo[:, None]) & (b < hi)
+        self.lo, self.hi = lo.copy(), hi
+
+
 def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decision_s: float) -> EngineRecord:
-    """Step by step: the policy decides, then whole-array counts of the step's reads, writes and moves."""
+    """Step by step: the policy decides, then counts of the step's reads, writes and moves.
+
+    Every stored block lies in columns ``lo_alive.min() .. hi_block``, so counts
+    look at those columns only; the masks a policy sees are updated in place.
+    """
     S, L, NB, B = ctx.n_steps, ctx.n_layers, ctx.n_blocks, ctx.block_tokens
-    bidx = np.arange(NB)[None, :]
     bb = ctx.block_bytes
-    bb_full = np.broadcast_to(bb[:, None], (L, NB))
     reserved = np.zeros(N_TIERS) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
     caps = capacity_of(ctx, start)
     no_blocks = np.zeros((L, NB), dtype=bool)
+    no_blocks.flags.writeable = False
     out = _StepCounts(S, L)
     n_visible = (ctx.hi_block[:, None] - ctx.lo_visible).sum(axis=1).astype(np.float64)
+    wants_mass = ctx.options.mode == "sparse" or policy.wants_mass()
+    masses = ctx.iter_mass() if wants_mass else None
 
+    same_vis = bool(np.array_equal(ctx.lo_visible, ctx.lo_alive))
+    alive_m = _RangeMask(L, NB)
+    visible_m = alive_m if same_vis else _RangeMask(L, NB)
+    new_m = np.zeros((L, NB), dtype=bool)  # blocks that appear this step, in columns new_c0:new_c1
+    new_c0 = new_c1 = 0
     P = np.array(start.placement, dtype=np.int8, copy=True)
-    alive_prev = no_blocks
     hi_prev, lo_prev = 0, np.zeros(L, dtype=np.int64)
     st_prev = np.zeros(N_TIERS)
     counts_prev = np.zeros((L, N_TIERS))
@@ -182,14 +225,26 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
         # -- which blocks exist and are visible this step ----------------------------------
         hi = int(ctx.hi_block[s])
         lo_a, lo_v = ctx.lo_alive[s], ctx.lo_visible[s]
-        below_hi = bidx < hi
-        alive = (bidx >= lo_a[:, None]) & below_hi
-        same_vis = np.array_equal(lo_v, lo_a)
-        visible = alive if same_vis else (bidx >= lo_v[:, None]) & below_hi
-        new = alive & ~alive_prev if hi > hi_prev or s == 0 else no_blocks
-        gone = alive_prev & ~alive if (lo_a > lo_prev).any() else no_blocks
-        if gone is not no_blocks:
-            out.freed[s] = np.bincount(P[gone].astype(np.int64), weights=bb_full[gone], minlength=N_TIERS)
+        lo_moved = not np.array_equal(lo_a, lo_prev)
+        grew = hi > hi_prev or s == 0
+        c0 = int(lo_a.min())  # every stored block lies in columns c0:hi
+        if lo_moved:  # blocks that leave (sliding window), by the tier they were in
+            g0 = int(lo_prev.min())
+            gone = np.arange(g0, int(lo_a.max())) >= lo_prev[:, None]
+            gone &= np.arange(g0, int(lo_a.max())) < np.minimum(lo_a, hi_prev)[:, None]
+            if gone.any():
+                w = np.broadcast_to(bb[:, None], gone.shape)[gone]
+                out.freed[s] = np.bincount(P[:, g0 : g0 + gone.shape[1]][gone].astype(np.int64), weights=w,
+                                           minlength=N_TIERS)
+        alive_m.update(lo_a, hi)
+        if not same_vis:
+            visible_m.update(lo_v, hi)
+        alive, visible = alive_m.mask, visible_m.mask
+        if new_c1 > new_c0:
+            new_m[:, new_c0:new_c1] = False
+        new_c0, new_c1 = (hi_prev, hi) if grew else (0, 0)
+        new_m[:, new_c0:new_c1] = alive[:, new_c0:new_c1]
+        new = new_m if grew else no_blocks
         view = StepView(
             step=s, decode=bool(ctx.is_decode[s]), hi_block=hi, lo_alive=lo_a, lo_visible=lo_v,
             new_lo_block=int(ctx.pos0[s]) // B, alive=alive, visible=visible, new_blocks=new,
@@ -203,43 +258,54 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
         P_new = P if dec.placement is None else dec.placement
         if P_new.shape != (L, NB):
             _check_placement(ctx, policy, P_new, alive, s)
-        if P_new is P and hi == hi_prev and np.array_equal(lo_a, lo_prev):
+        if P_new is P and not grew and not lo_moved:
             counts_alive = counts_prev  # nothing moved, appeared or left: same counts
         else:
-            counts_alive = _tier_counts(P_new, alive)
+            counts_alive = _tier_counts(P_new[:, c0:hi], alive[:, c0:hi])
             if (counts_alive.sum(axis=1) != hi - lo_a).any():
                 _check_placement(ctx, policy, P_new, alive, s)
         read_tier = P_new if dec.read_tier is None else dec.read_tier
-        one_tier = isinstance(read_tier, (int, np.integer))  # every access served from one tier
-        if one_tier:
-            read_tier = np.full((L, NB), int(read_tier), dtype=np.int8)
+        if isinstance(read_tier, np.integer):
+            read_tier = int(read_tier)  # every access served from one tier
 
         # -- counts ---------------------------------------------------------------------------
-        _count_reads(ctx, policy, s, view, dec, P_new, read_tier, one_tier, counts_alive, out)
+        mass = None
+        if wants_mass:
+            ms, mass = next(masses)
+            if ms != s:
+                raise LlamatierError(f"the trace's attention came back for step {ms} at step {s}: re-record the trace")
+        _count_reads(ctx, policy, s, view, dec, P_new, read_tier, counts_alive, mass, c0, out)
         _write_counts(ctx, s, read_tier, out.write_bytes[s], out.write_blocks[s])
-        if new is not no_blocks:
-            out.alloc[s] = np.bincount(read_tier[new].astype(np.int64), weights=bb_full[new], minlength=N_TIERS)
-        _count_moves(policy, s, dec, P, P_new, alive_prev, alive, bb_full, out)
+        if grew:
+            nw = new[:, new_c0:new_c1]
+            if isinstance(read_tier, int):
+                out.alloc[s, read_tier] = float((nw.sum(axis=1) * bb).sum())
+            else:
+                w = np.broadcast_to(bb[:, None], nw.shape)[nw]
+                out.alloc[s] = np.bincount(read_tier[:, new_c0:new_c1][nw].astype(np.int64), weights=w, minlength=N_TIERS)
+        _count_moves(policy, s, dec, P, P_new, lo_prev, hi_prev, lo_a, bb, out)
         st = counts_alive.T @ bb
         occ = st if start.reserved_bytes is None else reserved  # a reservation holds its blocks
         _check_capacity(caps, policy, occ, s)
         out.stored[s], out.occupancy[s] = st, occ
 
-        t0 = time.perf_counter()
-        policy.observe(view, ctx.mass[s])
-        decision_s += time.perf_counter() - t0
-        P, alive_prev, st_prev, hi_prev, lo_prev, counts_prev = P_new, alive, st, hi, lo_a, counts_alive
+        if wants_mass:
+            t0 = time.perf_counter()
+            policy.observe(view, mass)
+            decision_s += time.perf_counter() - t0
+        P, st_prev, hi_prev, lo_prev, counts_prev = P_new, st, hi, lo_a, counts_alive
 
     return out.record(ctx, start, n_visible, decision_s, "vectorised")
 
 
 def _count_reads(
     ctx: ReplayContext, policy: Policy, s: int, view: StepView, dec: StepDecision, placement: np.ndarray,
-    read_tier: np.ndarray, one_tier: bool, counts_alive: np.ndarray, out: _StepCounts,
+    read_tier: np.ndarray | int, counts_alive: np.ndarray, mass: np.ndarray | None, c0: int, out: _StepCounts,
 ) -> None:
     """Step s's reads per layer and tier (bytes, blocks, tokens) and, in sparse mode, the mass it dropped."""
-    L, B = ctx.n_layers, ctx.block_tokens
+    L, B, hi = ctx.n_layers, ctx.block_tokens, view.hi_block
     visible, alive = view.visible, view.alive
+    one_tier = isinstance(read_tier, int)
     if ctx.options.mode == "sparse" and ctx.is_decode[s]:
         budget = int(ctx.options.block_budget or 0)
         rmask = dec.read_mask if dec.read_mask is not None else default_read_selection(view, budget)
@@ -247,16 +313,18 @@ def _count_reads(
             raise LlamatierError(f"policy {policy.name!r} read blocks that are not visible at step {s}")
         if (rmask.sum(axis=1) > budget).any():
             raise LlamatierError(f"policy {policy.name!r} read more than --block-budget {budget} blocks in a layer")
-        out.dropped[s] = np.where(visible & ~rmask, ctx.mass[s], 0.0).sum(axis=1)
+        out.dropped[s] = np.where(visible & ~rmask, mass, 0.0).sum(axis=1)  # whole rows: the same float sums
     else:
         rmask = visible
+    counts = np.zeros((L, N_TIERS))
     if rmask is alive and read_tier is placement:
         counts = counts_alive.copy()
     elif one_tier and rmask is visible:
-        counts = np.zeros((L, N_TIERS))
-        counts[:, int(read_tier[0, 0])] = view.hi_block - view.lo_visible
+        counts[:, read_tier] = hi - view.lo_visible
+    elif one_tier:
+        counts[:, read_tier] = rmask[:, c0:hi].sum(axis=1)
     else:
-        counts = _tier_counts(read_tier, rmask)
+        counts = _tier_counts(read_tier[:, c0:hi], rmask[:, c0:hi])
     rb = counts * ctx.block_bytes[:, None]
     tok = counts.sum(axis=1) * B
     lay = np.arange(L)
@@ -265,7 +333,7 @@ def _count_reads(
     for blk, miss in ((first, miss_f), (last, miss_l)):
         hit = rmask[lay, blk] & (miss > 0)
         if hit.any():
-            t = read_tier[lay, blk].astype(np.int64)
+            t = np.full(L, read_tier) if one_tier else read_tier[lay, blk].astype(np.int64)
             corr = np.where(hit, miss, 0)
             np.subtract.at(rb, (lay, t), corr * bpt)
             tok -= corr
@@ -274,7 +342,7 @@ def _count_reads(
 
 def _count_moves(
     policy: Policy, s: int, dec: StepDecision, placement: np.ndarray, placement_new: np.ndarray,
-    alive_before: np.ndarray, alive: np.ndarray, bb_full: np.ndarray, out: _StepCounts,
+    lo_before: np.ndarray, hi_before: int, lo: np.ndarray, block_bytes: np.ndarray, out: _StepCounts,
 ) -> None:
     """Step s's moves between tiers: as the policy reported them, else from its placement change."""
     try:
@@ -285,10 +353,16 @@ def _count_moves(
         out.move_bytes[s, k] = dec.moves_bytes
         out.move_count[s, k] = dec.moves_count if dec.moves_count is not None else 0.0
     elif placement_new is not placement:
-        changed = (placement_new != placement) & alive_before & alive  # stored before and after the step
+        k0 = int(lo.min())  # stored before and after the step: columns max(lo, lo_before) .. hi_before
+        if hi_before <= k0:
+            return
+        changed = placement_new[:, k0:hi_before] != placement[:, k0:hi_before]
+        changed &= np.arange(k0, hi_before) >= np.maximum(lo, lo_before)[:, None]
         if changed.any():
-            pair = placement[changed].astype(np.int64) * N_TIERS + placement_new[changed].astype(np.int64)
-            out.move_bytes[s, k] = np.bincount(pair, weights=bb_full[changed], minlength=N_TIERS**2).reshape(N_TIERS, N_TIERS)
+            pair = placement[:, k0:hi_before][changed].astype(np.int64) * N_TIERS
+            pair += placement_new[:, k0:hi_before][changed].astype(np.int64)
+            w = np.broadcast_to(block_bytes[:, None], changed.shape)[changed]
+            out.move_bytes[s, k] = np.bincount(pair, weights=w, minlength=N_TIERS**2).reshape(N_TIERS, N_TIERS)
             out.move_count[s, k] = np.bincount(pair, minlength=N_TIERS**2).reshape(N_TIERS, N_TIERS)
 
 
