@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llamatier.policies.base import (
+    N_TIERS,
     CapacityExhausted,
     Policy,
     StartDecision,
@@ -80,6 +81,9 @@ class LRUPolicy(Policy):
     def params(self) -> dict[str, Any]:
         return {}
 
+    def wants_mass(self) -> bool:
+        return False  # recency only
+
     def start(self, ctx: ReplayContext) -> StartDecision:
         self.ctx = ctx
         L, NB = ctx.n_layers, ctx.n_blocks
@@ -91,6 +95,11 @@ class LRUPolicy(Policy):
         self.cumslots = lru_slots(ctx.capacity_bytes, ctx.block_bytes)
         self.stack = np.zeros(0, dtype=np.int64)  # flat block indices, most recent first (ghosts included)
         self.pos_of = np.full(L * NB, -1, dtype=np.int64)
+        self.n_blocks = NB
+        self.block_bytes = np.asarray(ctx.block_bytes, dtype=np.float64)
+        # while the stack is exactly the last step's visible blocks, most recent first, it is kept as
+        # those ranges (first block per layer, one past the last) instead of in stack/pos_of
+        self._ranges: tuple[np.ndarray, int] | None = (np.zeros(L, dtype=np.int64), 0)
         self.sparse = ctx.options.mode == "sparse"
         self.budget = int(ctx.options.block_budget or 0)
         return StartDecision(
@@ -116,7 +125,7 @@ class LRUPolicy(Policy):
         if not (self.uniform and self._steady_key == key and view.decode and not self.sparse):
             self._steady_key = key
             return None
-        if not (self.stack.size == self._last_n and not view.new_blocks.any()):
+        if not (self._stack_size() == self._last_n and not view.new_blocks.any()):
             return None
         n, cs = self._last_n, self.cumslots
         bounds = np.concatenate([[0], np.minimum(cs, n)])
@@ -134,6 +143,11 @@ class LRUPolicy(Policy):
         fast = self._steady(view)
         if fast is not None:
             return fast
+        if self._ranges is not None and not (self.sparse and view.decode):
+            fast = self._in_order(view)
+            if fast is not None:
+                return fast
+        self._materialize()
         acc, read_mask = self._accesses(view)
         st = self.stack
         cs = self.cumslots
@@ -178,14 +192,107 @@ class LRUPolicy(Policy):
                 rest = rest[:0]
         np.fill_diagonal(mb, 0.0)
         np.fill_diagonal(mc, 0.0)
-        self._set_stack(np.concatenate([acc[::-1], rest]))
         self._last_n = n if rest.size == 0 else -1
+        if rest.size == 0 and read_mask is None:  # the stack is this step's visible blocks: keep it as ranges
+            self.pos_of[self.stack] = -1
+            self._ranges = (view.lo_visible.copy(), view.hi_block)
+        else:
+            self._set_stack(np.concatenate([acc[::-1], rest]))
         return StepDecision(placement=P, read_tier=int(top), read_mask=read_mask, moves_bytes=mb, moves_count=mc)
 
     def _set_stack(self, stack: np.ndarray) -> None:
-        self.pos_of[self.stack] = -1
+        """Hold the stack as flat indices (``pos_of`` is -1 everywhere while it is held as ranges)."""
+        if self._ranges is None:
+            self.pos_of[self.stack] = -1
+        self._ranges = None
         self.stack = stack
         self.pos_of[stack] = np.arange(stack.size)
+
+    def _stack_size(self) -> int:
+        if self._ranges is None:
+            return int(self.stack.size)
+        lo, hi = self._ranges
+        return int(np.maximum(hi - lo, 0).sum())
+
+    def _materialize(self) -> None:
+        """Write the stack kept as ranges out as flat indices (for the general step)."""
+        if self._ranges is None:
+            return
+        lo, hi = self._ranges
+        NB = self.n_blocks
+        parts = [layer * NB + np.arange(lo[layer], hi) for layer in range(lo.size) if hi > lo[layer]]
+        self._ranges = None
+        self.stack = np.concatenate(parts)[::-1].copy() if parts else np.zeros(0, dtype=np.int64)
+        self.pos_of[self.stack] = np.arange(self.stack.size)  # pos_of was -1 everywhere
+
+    def _in_order(self, view: StepView) -> StepDecision | None:
+        """A step that reads every visible block while the stack holds exactly the last step's
+        visible blocks: positions are arithmetic, so moves and placement follow per layer, O(layers).
+
+        Before the step, old block b of layer l sits at position m - off0[l] - (b - lo0[l])
+        (m blocks stacked, the last read on top); when the step reaches it, the blocks read
+        before it this step are on top and those above it are still unread, so it sits at a
+        position that is the same for the whole layer. After the step the i-th access of
+        the step is at position n - i. Blocks that left the window sink as ghosts, and
+        leave the stack since nothing alive is below them; if one is still stored (``--swa-full``),
+        the general step handles it.
+        """
+        lo0, hi0 = self._ranges
+        lo, hi = view.lo_visible, view.hi_block
+        len0 = np.maximum(hi0 - lo0, 0)
+        len1 = np.maximum(hi - lo, 0)
+        gone = np.maximum(np.minimum(lo, hi0) - lo0, 0)  # left the window: no longer read
+        if (gone > 0).any() and (np.minimum(lo, hi0) > view.lo_alive)[gone > 0].any():
+            return None  # a block left the window but is still stored
+        off0 = np.cumsum(len0) - len0
+        off1 = np.cumsum(len1) - len1
+        m, n = int(len0.sum()), int(len1.sum())
+        cs = self.cumslots
+        if n + int(gone.sum()) > cs[3]:
+            raise CapacityExhausted(float(n + gone.sum()), float(cs[3]))
+        n_old = np.maximum(hi0 - np.maximum(lo, lo0), 0)
+        n_old = np.where(len0 > 0, np.minimum(n_old, len1), 0)
+        top = int(lru_tier(np.ones(1), cs)[0])
+        edges = np.concatenate([[0], cs])  # tier t holds positions edges[t] + 1 .. edges[t + 1]
+
+        def per_tier(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+            """int64 [L, 4]: positions first..last (inclusive) of each layer that lie in each tier."""
+            a = np.maximum(first[:, None], edges[None, :-1] + 1)
+            b = np.minimum(last[:, None], edges[None, 1:])
+            return np.maximum(b - a + 1, 0)
+
+        size = self.block_bytes
+        mc = np.zeros((4, 4))
+        mb = np.zeros((4, 4))
+        # old blocks: pushed down from where they were to where the step finds them, then fetched up
+        before_first = m - off0 - (hi0 - 1 - lo0)  # position of the layer's last old block (b = hi0 - 1)
+        before_last = m - off0 - (np.maximum(lo, lo0) - lo0)
+        cnt = np.where(n_old[:, None] > 0, per_tier(before_first, before_last), 0)
+        r = lru_tier(m + off1 - off0 - (lo - lo0), cs).astype(np.int64)
+        for t in range(N_TIERS):
+            np.add.at(mc[t], r, cnt[:, t])
+            np.add.at(mb[t], r, cnt[:, t] * size)
+        np.add.at(mc[:, top], r, n_old)
+        np.add.at(mb[:, top], r, n_old * size)
+        # every access: from the top to its place after the step
+        after = per_tier(n - off1 - len1 + 1, n - off1)
+        mc[top] += after.sum(axis=0)
+        mb[top] += (after * size[:, None]).sum(axis=0)
+        np.fill_diagonal(mb, 0.0)
+        np.fill_diagonal(mc, 0.0)
+        if self.uniform:
+            mb = mc * self.size0
+        P = np.full(view.alive.shape, -1, dtype=np.int8)
+        base = n - off1 + lo  # block b of layer l ends at position base[l] - b
+        for layer in np.flatnonzero(len1):
+            for t in range(N_TIERS):
+                b0 = max(int(lo[layer]), int(base[layer] - edges[t + 1]))
+                b1 = min(hi, int(base[layer] - edges[t]))
+                if b1 > b0:
+                    P[layer, b0:b1] = t
+        self._ranges = (lo.copy(), hi)
+        self._last_n = n
+        return StepDecision(placement=P, read_tier=top, moves_bytes=mb, moves_count=mc)
 
     def _slow_step(self, view: StepView, acc: np.ndarray, read_mask: np.ndarray | None) -> StepDecision:
         stack, P, read_tier, mb, mc = lru_step_reference(
