@@ -44,12 +44,13 @@ def _digest(r) -> str:  # noqa: ANN001 - ReplayResult
     return h.hexdigest()[:16]
 
 
-def shape_trace(layers: int, prompt: int, decode: int, seed: int = 1):  # noqa: ANN201
+def shape_trace(layers: int, prompt: int, decode: int, seed: int = 1, *, lazy: bool = True):  # noqa: ANN201
+    """The synthetic trace of a shape: lazy (each step's mass made when read) or one dense array."""
     from llamatier.replay.synthetic import synthetic_trace
 
     return synthetic_trace(
         n_layers=layers, n_prompt=prompt, n_decode=decode, block_tokens=16, n_head=32, n_head_kv=8,
-        head_dim=128, prefill_chunk=512, weight_bytes=4_920_000_000, n_params=8_030_261_248, seed=seed,
+        head_dim=128, prefill_chunk=512, weight_bytes=4_920_000_000, n_params=8_030_261_248, seed=seed, lazy=lazy,
     )
 
 
@@ -58,7 +59,7 @@ def child(args: argparse.Namespace) -> None:
     from llamatier.replay import ReplayOptions, prepare, replay
 
     w0 = time.perf_counter()
-    trace = shape_trace(args.layers, args.prompt, args.decode)
+    trace = shape_trace(args.layers, args.prompt, args.decode, lazy=not args.dense)
     build_s = time.perf_counter() - w0
     prof = load_profile("a100-40g")
     ctx = prepare(trace, prof, ReplayOptions())
@@ -66,7 +67,8 @@ def child(args: argparse.Namespace) -> None:
     kv_final = float(ctx.block_bytes.sum() * ctx.n_blocks)
     cap = int(0.5 * kv_final) // block * block
     del ctx
-    opts = ReplayOptions(hbm_budget_bytes=cap)
+    opts = ReplayOptions(hbm_budget_bytes=cap, mode="sparse" if args.sparse_budget else "lossless",
+                         block_budget=args.sparse_budget)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     c0, w0 = time.process_time(), time.perf_counter()
     r = replay(trace, prof, args.policy, opts)
@@ -77,14 +79,15 @@ def child(args: argparse.Namespace) -> None:
         "cpu_s": cpu, "wall_s": wall, "rate_per_cpu_s": r.block_accesses / cpu if cpu > 0 else float("nan"),
         "build_s": build_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_replay_bytes": rss_before, "decision_s": r.record.decision_s,
-        "p99_s": r.summary().get("latency", {}).get("p99_s"), "digest": _digest(r),
+        "p99_s": r.summary().get("latency", {}).get("p99_s"), "digest": _digest(r), "trace": "dense" if args.dense else "lazy",
+        "mode": opts.mode,
     }
     print(json.dumps(out))
 
 
-def run_one(layers: int, prompt: int, decode: int, policy: str) -> dict:
+def run_one(layers: int, prompt: int, decode: int, policy: str, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--prompt", str(prompt),
-           "--decode", str(decode), "--policy", policy]
+           "--decode", str(decode), "--policy", policy, *extra]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=256)
     ap.add_argument("--policies", default="static,lru,adaptive,oracle")
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dense", action="store_true", help="hold the synthetic mass as one dense array (as before streaming)")
+    ap.add_argument("--sparse-budget", type=int, default=None, help="sparse mode with this block budget")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--table", default=None, help="comma-separated prompt lengths: one row per length and policy")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
@@ -112,7 +117,9 @@ def main() -> None:
           f"{'peak RSS':>10} {'build s':>8} digest", flush=True)
     for n in prompts:
         for pol in args.policies.split(","):
-            r = run_one(args.layers, n, args.decode, pol)
+            extra = (["--dense"] if args.dense else []) + (
+                ["--sparse-budget", str(args.sparse_budget)] if args.sparse_budget else [])
+            r = run_one(args.layers, n, args.decode, pol, extra)
             rows.append(r)
             if "error" in r:
                 print(f"{n:>8} {'':>6} {pol:<9} error: {r['error']}", flush=True)
