@@ -76,10 +76,10 @@ def _real_trace(name: str):  # noqa: ANN202
 
 def build(case: dict[str, Any]) -> tuple[Any, Any, Any]:
     """(trace, profile, options) of a case."""
-    from llamatier.geometry_presets import geometry_preset
     from llamatier.hardware import load_profile
     from llamatier.replay import ReplayOptions
     from llamatier.replay.synthetic import synthetic_trace
+    from llamatier.target import geometry_preset
 
     t = case["trace"]
     trace = _real_trace(t) if isinstance(t, str) else synthetic_trace(**t)
