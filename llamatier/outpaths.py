@@ -49,3 +49,65 @@ def make_output_dir(path: str | Path, flag: str) -> Path:
         ) from None
     _check_folder_writable(p, p)
     return p
+
+
+class OutputClaim:
+    """An exclusive claim on an output (a locked file beside or inside it), held until :meth:`release`.
+
+    The lock is an ``flock`` on ``lock_path``: the kernel drops it when the process ends, even on
+    ``kill -9``, so a crashed writer never blocks the next one.
+    """
+
+    def __init__(self, lock_path: Path, fd: int) -> None:
+        self.lock_path = lock_path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (a claimer that opened the old file retries)."""
+        if self._fd is None:
+            return
+        try:
+            self.lock_path.unlink()
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_output(lock_path: str | Path, target: str | Path, flag: str, what: str) -> OutputClaim:
+    """Claim ``target`` for this process through ``lock_path``; one line if another process holds it."""
+    import fcntl
+
+    lock = Path(lock_path)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LlamatierError(
+                f"cannot claim {flag} {target}: {exc.strerror or exc} (choose a folder you can write to)"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LlamatierError(
+                f"{flag} {target} is being written by another llamatier {what} (pid {holder}); "
+                f"wait for it to finish or choose another {flag}"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder removed the file after we opened it: claim the new one
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return OutputClaim(lock, fd)

@@ -222,6 +222,9 @@ def test_sweep_options_fail_before_any_cell_runs(tiny_trace_dir, files, tmp_path
         (["{d}/not-a-model.gguf"], ["not a GGUF file"]),
         (["{d}/missing.gguf"], ["model file not found"]),
         (["{m}", "--ctx", "abc"], ["'--ctx'", "integer", "llamatier trace --help"]),
+        (["{m}", "--chunk-steps", "0"], ["--chunk-steps must be >= 1"]),
+        (["{m}", "--temp", "nan"], ["--temp must be a finite number"]),
+        (["{m}", "--temp", "-1"], ["--temp must be a finite number"]),
     ],
 )
 def test_trace_options(tiny_model, files, tmp_path, args, needles):

@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "llamatier.cli.sweep_cmd",
     "llamatier.cli.serve_cmd",
     "llamatier.cli.demo_cmd",
+    "llamatier.cli.upgrade_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, create_model, model_validator
 
 from llamatier.errors import LlamatierError, ProfileError
-from llamatier.hardware.hostmodel import HostComputeModel
+from llamatier.hardware.hostmodel import HostComputeModel, parse_term
 from llamatier.hardware.profile import COMPUTE_DEVICES, Compute, Link, Profile, Tier
+from llamatier.kvtypes import KV_TYPES
+from llamatier.schema import RuleError, Strict, validate
 from llamatier.tiers import LINK_ENDS, LINK_NAMES, TIER_NAMES
 from llamatier.units import parse_size_bytes
 from llamatier.userfiles import read_toml_file
@@ -23,70 +27,186 @@ from llamatier.userfiles import read_toml_file
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """How one TOML key maps to a dataclass field: kind, scale to SI, rule."""
+    """How one TOML key maps to a dataclass field: kind and scale to SI (derived from the schema)."""
 
     attr: str
     kind: str  # "size", "float", "int", "str", "str_list", "float_list", "int_list"
     scale: float = 1.0
-    rule: str = ""  # "", "gt0", "ge0", "unit" (0, 1], or "choice"
     required: bool = True
-    choices: tuple[str, ...] = ()
 
 
-TIER_FIELDS: dict[str, FieldSpec] = {
-    "capacity": FieldSpec("capacity_bytes", "size", rule="ge0"),
-    "read_gb_s": FieldSpec("read_bytes_per_s", "float", 1e9, "gt0"),
-    "write_gb_s": FieldSpec("write_bytes_per_s", "float", 1e9, "gt0"),
-    "latency_us": FieldSpec("latency_s", "float", 1e-6, "ge0"),
-    "transfer_overhead_us": FieldSpec("transfer_overhead_s", "float", 1e-6, "ge0"),
-    "energy_pj_per_byte": FieldSpec("energy_j_per_byte", "float", 1e-12, "ge0"),
-}
+# Physical bounds: far beyond any real machine, so that a wrong unit or a typo is caught.
+MAX_BYTES = 1 << 60  # 1 EiB
+MAX_GB_S = 1e6  # 1 PB/s
+MAX_US = 1e8  # 100 s
+MAX_PJ = 1e7  # 10 uJ per byte or per MAC
+MAX_TFLOPS = 1e6  # 1 EFLOP/s
 
-LINK_FIELDS: dict[str, FieldSpec] = {
-    "kind": FieldSpec("kind", "str"),
-    "gb_s": FieldSpec("bytes_per_s", "float", 1e9, "gt0"),
-    "latency_us": FieldSpec("latency_s", "float", 1e-6, "ge0"),
-    "transfer_overhead_us": FieldSpec("transfer_overhead_s", "float", 1e-6, "ge0"),
-    "energy_pj_per_byte": FieldSpec("energy_j_per_byte", "float", 1e-12, "ge0"),
-}
 
-COMPUTE_FIELDS: dict[str, FieldSpec] = {
-    "device": FieldSpec("device", "str", rule="choice", choices=COMPUTE_DEVICES),
-    "matmul_tflops": FieldSpec("matmul_flops_per_s", "float", 1e12, "gt0"),
-    "matmul_efficiency": FieldSpec("matmul_efficiency", "float", 1.0, "unit"),
-    "step_overhead_us": FieldSpec("step_overhead_s", "float", 1e-6, "ge0"),
-    "energy_pj_per_mac": FieldSpec("energy_j_per_mac", "float", 1e-12, "ge0"),
-    "host_attention_gb_s": FieldSpec("host_attention_bytes_per_s", "float", 1e9, "gt0"),
-    "host_roundtrip_us": FieldSpec("host_roundtrip_s", "float", 1e-6, "ge0"),
-}
+def _to(attr: str, scale: float = 1.0, *, kind: str = "float", rule: str | None = None, **bounds: Any) -> Any:
+    extra: dict[str, Any] = {"attr": attr, "scale": scale, "kind": kind}
+    if rule:
+        extra["rule"] = rule
+    return Field(json_schema_extra=extra, **bounds)
 
-HOST_MODEL_FIELDS: dict[str, FieldSpec] = {
-    "terms": FieldSpec("terms", "str_list"),
-    "serial_s": FieldSpec("serial_s", "float_list", rule="ge0"),
-    "parallel_s": FieldSpec("parallel_s", "float_list", rule="ge0"),
-    "kv_pad_cells": FieldSpec("kv_pad_cells", "int", rule="gt0", required=False),
-    "k_types": FieldSpec("k_types", "str_list", required=False),
-    "v_types": FieldSpec("v_types", "str_list", required=False),
-    "thread_counts": FieldSpec("thread_counts", "int_list", rule="gt0", required=False),
-    "n_ubatch": FieldSpec("n_ubatch", "int", rule="ge0", required=False),
-    "model_name": FieldSpec("model_name", "str", required=False),
-    "model_weight_bytes": FieldSpec("model_weight_bytes", "int", rule="ge0", required=False),
-    "fit_steps": FieldSpec("fit_steps", "int", rule="ge0", required=False),
-    "fit_dropped_steps": FieldSpec("fit_dropped_steps", "int", rule="ge0", required=False),
-    "fit_median_ape": FieldSpec("fit_median_ape", "float", required=False),
-    "fit_p95_ape": FieldSpec("fit_p95_ape", "float", required=False),
-    "traces": FieldSpec("traces", "str_list", required=False),
-    "notes": FieldSpec("notes", "str", required=False),
-    "weight_repack": FieldSpec("weight_repack", "str", rule="choice", choices=("on", "off"), required=False),
-}
 
-TOP_LEVEL_KEYS = ("name", "description", "tiers", "links", "compute")
+def _size(value: Any) -> Any:
+    """A size: ``"40GiB"``, ``"1.92TB"`` or a number of bytes (checked against the bounds after)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'must be a size such as "40GiB" or a number of bytes (got {type(value).__name__})')
+    if isinstance(value, str):
+        try:
+            return parse_size_bytes(value, what="size")
+        except LlamatierError:
+            raise ValueError(f'must be a size such as "40GiB", "512MB" or a number of bytes (got {value!r})') from None
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite size (got {value!r})")
+    if value < 0:
+        raise ValueError(f"must be >= 0 bytes (got {value!r})")
+    if value > MAX_BYTES:
+        raise ValueError(f"must be at most 1 EiB (got {value!r}): check the unit")
+    return int(value)
 
-_RULE_TEXT = {
-    "gt0": "must be a number > 0",
-    "ge0": "must be a number >= 0",
-    "unit": "must be a number in (0, 1]",
-}
+
+Size = Annotated[int, BeforeValidator(_size), Field(ge=0, le=MAX_BYTES)]
+Rate = Annotated[float, Field(gt=0, le=MAX_GB_S)]
+Micros = Annotated[float, Field(ge=0, le=MAX_US)]
+Pico = Annotated[float, Field(ge=0, le=MAX_PJ)]
+
+
+class TierToml(Strict):
+    """One ``[tiers.NAME]`` table."""
+
+    capacity: Size = _to("capacity_bytes", kind="size")
+    read_gb_s: Rate = _to("read_bytes_per_s", 1e9)
+    write_gb_s: Rate = _to("write_bytes_per_s", 1e9)
+    latency_us: Micros = _to("latency_s", 1e-6)
+    transfer_overhead_us: Micros = _to("transfer_overhead_s", 1e-6)
+    energy_pj_per_byte: Pico = _to("energy_j_per_byte", 1e-12)
+
+
+class LinkToml(Strict):
+    """One ``[links.NAME]`` table."""
+
+    kind: str = _to("kind", kind="str")
+    gb_s: Rate = _to("bytes_per_s", 1e9)
+    latency_us: Micros = _to("latency_s", 1e-6)
+    transfer_overhead_us: Micros = _to("transfer_overhead_s", 1e-6)
+    energy_pj_per_byte: Pico = _to("energy_j_per_byte", 1e-12)
+
+
+class HostModelToml(Strict):
+    """``[compute.host_model]``: a calibrated host step-time model (see ``llamatier calibrate``)."""
+
+    terms: list[str] = _to("terms", kind="str_list")
+    serial_s: list[Annotated[float, Field(ge=0, le=1e3)]] = _to("serial_s", kind="float_list")
+    parallel_s: list[Annotated[float, Field(ge=0, le=1e3)]] = _to("parallel_s", kind="float_list")
+    kv_pad_cells: Annotated[int, Field(ge=1, le=1 << 20)] | None = _to("kv_pad_cells", kind="int", default=None)
+    k_types: list[str] | None = _to("k_types", kind="str_list", default=None)
+    v_types: list[str] | None = _to("v_types", kind="str_list", default=None)
+    thread_counts: list[Annotated[int, Field(ge=1, le=1 << 16)]] | None = _to("thread_counts", kind="int_list", default=None)
+    n_ubatch: Annotated[int, Field(ge=0, le=1 << 31)] | None = _to("n_ubatch", kind="int", default=None)
+    model_name: str | None = _to("model_name", kind="str", default=None)
+    model_weight_bytes: Annotated[int, Field(ge=0, le=MAX_BYTES)] | None = _to("model_weight_bytes", kind="int", default=None)
+    fit_steps: Annotated[int, Field(ge=0)] | None = _to("fit_steps", kind="int", default=None)
+    fit_dropped_steps: Annotated[int, Field(ge=0)] | None = _to("fit_dropped_steps", kind="int", default=None)
+    fit_median_ape: Annotated[float, Field(ge=0, le=1e6)] | None = _to("fit_median_ape", default=None)
+    fit_p95_ape: Annotated[float, Field(ge=0, le=1e6)] | None = _to("fit_p95_ape", default=None)
+    traces: list[str] | None = _to("traces", kind="str_list", default=None)
+    notes: str | None = _to("notes", kind="str", default=None)
+    weight_repack: Literal["on", "off"] | None = _to("weight_repack", kind="str", default=None)
+
+    @model_validator(mode="after")
+    def _one_per_term(self) -> HostModelToml:
+        for key in ("serial_s", "parallel_s"):
+            if len(getattr(self, key)) != len(self.terms):
+                raise RuleError(key, f"must have one value per term ({len(self.terms)})")
+        for key in ("k_types", "v_types"):
+            unknown = [t for t in getattr(self, key) or () if t not in KV_TYPES]
+            if unknown:
+                raise RuleError(key, f"unknown KV type {unknown[0]!r}; valid types are {', '.join(KV_TYPES)}")
+        for t in self.terms:
+            try:
+                parse_term(t)
+            except LlamatierError as exc:
+                raise RuleError("terms", str(exc)) from None
+        return self
+
+
+class ComputeToml(Strict):
+    """``[compute]``."""
+
+    device: Literal[COMPUTE_DEVICES] = _to("device", kind="str")  # type: ignore[valid-type]
+    matmul_tflops: Annotated[float, Field(gt=0, le=MAX_TFLOPS)] = _to("matmul_flops_per_s", 1e12)
+    matmul_efficiency: Annotated[float, Field(gt=0, le=1)] = _to(
+        "matmul_efficiency", rule="must be a number in (0, 1]"
+    )
+    step_overhead_us: Micros = _to("step_overhead_s", 1e-6)
+    energy_pj_per_mac: Pico = _to("energy_j_per_mac", 1e-12)
+    host_attention_gb_s: Rate = _to("host_attention_bytes_per_s", 1e9)
+    host_roundtrip_us: Micros = _to("host_roundtrip_s", 1e-6)
+    host_model: HostModelToml | None = None
+
+
+TiersToml = create_model(
+    "TiersToml", __base__=Strict, **{t: (TierToml, ...) for t in TIER_NAMES}  # type: ignore[call-overload]
+)
+TiersToml.item_name = "tier"
+LinksToml = create_model(
+    "LinksToml", __base__=Strict, **{name: (LinkToml, ...) for name in LINK_NAMES}  # type: ignore[call-overload]
+)
+LinksToml.item_name = "link"
+
+
+class ProfileToml(Strict):
+    """A profile file: name, description, four tiers, three links, compute (human units)."""
+
+    name: str | None = None
+    description: str = ""
+    tiers: TiersToml  # type: ignore[valid-type]
+    links: LinksToml  # type: ignore[valid-type]
+    compute: ComputeToml
+
+    @model_validator(mode="after")
+    def _hbm_matches_device(self) -> ProfileToml:
+        hbm = self.tiers.hbm.capacity  # type: ignore[attr-defined]
+        if self.compute.device == "host" and hbm != 0:
+            raise RuleError("tiers.hbm.capacity", 'must be 0 when compute.device = "host" (a CPU-only host has no HBM)')
+        if self.compute.device == "gpu" and hbm == 0:
+            raise RuleError("tiers.hbm.capacity", 'must be > 0 when compute.device = "gpu"')
+        return self
+
+
+def _spec(model: type[Strict]) -> dict[str, FieldSpec]:
+    out = {}
+    for key, info in model.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and "attr" in extra:
+            out[key] = FieldSpec(str(extra["attr"]), str(extra["kind"]), float(extra["scale"]), info.is_required())
+    return out
+
+
+TIER_FIELDS = _spec(TierToml)
+LINK_FIELDS = _spec(LinkToml)
+COMPUTE_FIELDS = _spec(ComputeToml)
+HOST_MODEL_FIELDS = _spec(HostModelToml)
+
+
+def _si(model: Strict, spec: dict[str, FieldSpec]) -> dict[str, Any]:
+    """The dataclass keyword arguments of one validated table, in SI units."""
+    out: dict[str, Any] = {}
+    for key, fs in spec.items():
+        value = getattr(model, key)
+        if value is None:
+            continue
+        if fs.kind == "float":
+            value = float(value) * fs.scale
+        elif fs.kind == "float_list":
+            value = tuple(float(v) * fs.scale for v in value)
+        elif fs.kind.endswith("_list"):
+            value = tuple(value)
+        out[fs.attr] = value
+    return out
 
 
 def builtin_profile_dirs() -> list[Path]:
@@ -137,149 +257,15 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
 def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> Profile:
     """Build a validated Profile from parsed TOML (human units), naming ``source`` in errors."""
-
-    def err(field: str, rule: str) -> ProfileError:
-        return ProfileError(f"{source}: {field}: {rule}")
-
-    unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
-    if unknown:
-        raise err(unknown[0], f"unknown key; valid top-level keys are {', '.join(TOP_LEVEL_KEYS)}")
-    name = data.get("name", Path(source).stem)
-    description = data.get("description", "")
-    for key, value in (("name", name), ("description", description)):
-        if not isinstance(value, str):
-            raise err(key, f"must be a string (got {type(value).__name__})")
-
-    tiers_raw = _table(data, "tiers", err)
-    tiers: dict[str, Tier] = {}
-    _require_exactly(tiers_raw, "tiers", "tier", TIER_NAMES, err)
-    for tname in TIER_NAMES:
-        values = _section(tiers_raw[tname], f"tiers.{tname}", TIER_FIELDS, err)
-        tiers[tname] = Tier(name=tname, **values)
-
-    links_raw = _table(data, "links", err)
-    links: dict[str, Link] = {}
-    _require_exactly(links_raw, "links", "link", LINK_NAMES, err)
-    for lname in LINK_NAMES:
-        values = _section(links_raw[lname], f"links.{lname}", LINK_FIELDS, err)
-        upper, lower = LINK_ENDS[lname]
-        links[lname] = Link(name=lname, upper=upper, lower=lower, **values)
-
-    compute_raw = dict(_table(data, "compute", err))
-    host_model_raw = compute_raw.pop("host_model", None)
-    values = _section(compute_raw, "compute", COMPUTE_FIELDS, err)
+    doc = validate(ProfileToml, data, source=source, error=ProfileError)
+    tiers = {t: Tier(name=t, **_si(getattr(doc.tiers, t), TIER_FIELDS)) for t in TIER_NAMES}
+    links = {}
+    for name in LINK_NAMES:
+        upper, lower = LINK_ENDS[name]
+        links[name] = Link(name=name, upper=upper, lower=lower, **_si(getattr(doc.links, name), LINK_FIELDS))
     host_model = None
-    if host_model_raw is not None:
-        if not isinstance(host_model_raw, dict):
-            raise err("compute.host_model", "must be a table")
-        hm = _section(host_model_raw, "compute.host_model", HOST_MODEL_FIELDS, err)
-        hm = {k: tuple(v) if isinstance(v, list) else v for k, v in hm.items()}
-        n_terms = len(hm["terms"])
-        for key in ("serial_s", "parallel_s"):
-            if len(hm[key]) != n_terms:
-                raise err(f"compute.host_model.{key}", f"must have one value per term ({n_terms})")
-        try:
-            host_model = HostComputeModel(**hm)
-        except LlamatierError as exc:
-            raise err("compute.host_model", str(exc)) from None
-    compute = Compute(**values, host_model=host_model)
-
-    if compute.device == "host" and tiers["hbm"].capacity_bytes != 0:
-        raise err("tiers.hbm.capacity", 'must be 0 when compute.device = "host" (a CPU-only host has no HBM)')
-    if compute.device == "gpu" and tiers["hbm"].capacity_bytes == 0:
-        raise err("tiers.hbm.capacity", 'must be > 0 when compute.device = "gpu"')
-    return Profile(name=name, description=description, tiers=tiers, links=links, compute=compute, source=source)
-
-
-def _require_exactly(raw: dict[str, Any], section: str, what: str, names: tuple[str, ...], err: Any) -> None:
-    """Every name in ``names`` present in ``raw`` and nothing else (errors name the key and the rule)."""
-    for extra in raw:
-        if extra not in names:
-            raise err(f"{section}.{extra}", f"unknown {what}; the {what}s are {', '.join(names)}")
-    for name in names:
-        if name not in raw:
-            raise err(f"{section}.{name}", f"missing {what}; a profile needs all of {', '.join(names)}")
-
-
-def _table(data: dict[str, Any], key: str, err: Any) -> dict[str, Any]:
-    if key not in data:
-        raise err(key, f"missing table [{key}]")
-    value = data[key]
-    if not isinstance(value, dict):
-        raise err(key, "must be a table")
-    return value
-
-
-def _section(raw: Any, where: str, spec: dict[str, FieldSpec], err: Any) -> dict[str, Any]:
-    """Check one table against its field spec and convert values to SI units."""
-    if not isinstance(raw, dict):
-        raise err(where, "must be a table")
-    for key in raw:
-        if key not in spec:
-            raise err(f"{where}.{key}", f"unknown key; valid keys are {', '.join(spec)}")
-    out: dict[str, Any] = {}
-    for key, fs in spec.items():
-        field = f"{where}.{key}"
-        if key not in raw:
-            if fs.required:
-                raise err(field, "missing")
-            continue
-        out[fs.attr] = _convert(raw[key], fs, field, err)
-    return out
-
-
-def _number(value: Any, field: str, err: Any, *, integer: bool = False) -> float:
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok:
-        kind = "an integer" if integer else "a number"
-        raise err(field, f"must be {kind} (got {type(value).__name__} {value!r})")
-    if not math.isfinite(value):
-        raise err(field, f"must be finite (got {value!r})")
-    return value
-
-
-def _check_rule(value: float, fs: FieldSpec, field: str, err: Any) -> None:
-    bad = (
-        (fs.rule == "gt0" and not value > 0)
-        or (fs.rule == "ge0" and not value >= 0)
-        or (fs.rule == "unit" and not 0 < value <= 1)
-    )
-    if bad:
-        raise err(field, f"{_RULE_TEXT[fs.rule]} (got {value!r})")
-
-
-def _convert(value: Any, fs: FieldSpec, field: str, err: Any) -> Any:
-    if fs.kind == "size":
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise err(field, f'must be a size such as "40GiB" or a number of bytes (got {type(value).__name__})')
-        if isinstance(value, int | float):
-            _check_rule(value, fs, field, err)
-            return int(value)
-        try:
-            return parse_size_bytes(value, what=field)
-        except LlamatierError:
-            raise err(field, f'must be a size such as "40GiB", "512MB" or a number of bytes (got {value!r})') from None
-    if fs.kind == "str":
-        if not isinstance(value, str):
-            raise err(field, f"must be a string (got {type(value).__name__} {value!r})")
-        if fs.rule == "choice" and value not in fs.choices:
-            raise err(field, f"must be one of {', '.join(repr(c) for c in fs.choices)} (got {value!r})")
-        return value
-    if fs.kind in ("float", "int"):
-        v = _number(value, field, err, integer=fs.kind == "int")
-        _check_rule(v, fs, field, err)
-        return int(v) if fs.kind == "int" else float(v) * fs.scale
-    # lists
-    if not isinstance(value, list):
-        raise err(field, f"must be a list (got {type(value).__name__})")
-    if fs.kind == "str_list":
-        for v in value:
-            if not isinstance(v, str):
-                raise err(field, f"must be a list of strings (got {v!r})")
-        return list(value)
-    out = []
-    for v in value:
-        num = _number(v, field, err, integer=fs.kind == "int_list")
-        _check_rule(num, fs, field, err)
-        out.append(int(num) if fs.kind == "int_list" else float(num) * fs.scale)
-    return out
+    if doc.compute.host_model is not None:
+        host_model = HostComputeModel(**_si(doc.compute.host_model, HOST_MODEL_FIELDS))
+    compute = Compute(**_si(doc.compute, COMPUTE_FIELDS), host_model=host_model)
+    name = doc.name if doc.name is not None else Path(source).stem
+    return Profile(name=name, description=doc.description, tiers=tiers, links=links, compute=compute, source=source)

@@ -47,8 +47,8 @@ def _section_lines(obj: Any, spec: dict[str, FieldSpec]) -> list[str]:
     lines = []
     for key, fs in spec.items():
         value = getattr(obj, fs.attr)
-        if not fs.required and value in ((), "", None):
-            continue
+        if not fs.required and (value in ((), "", None) or (isinstance(value, float) and math.isnan(value))):
+            continue  # optional and unset (a NaN fit statistic means "not computed")
         lines.append(f"{key} = {_toml_value(_human(value, fs))}")
     return lines
 

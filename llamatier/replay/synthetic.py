@@ -122,7 +122,8 @@ def synthetic_trace(
             "pos0": [r[2] for r in rows],
             "n_kv": [r[1] + r[2] for r in rows],
             "token_in": [1] * S,
-            "token_out": [1] * S,
+            # like a real trace: a token is sampled after the prompt's last batch and every decode step
+            "token_out": [-1 if r[0] == "prefill" and r[1] + r[2] < n_prompt else 1 for r in rows],
             "t_start_s": [0.0] * S,
             "decode_s": [0.0] * S,
             "capture_s": [0.0] * S,
@@ -141,6 +142,10 @@ def synthetic_trace(
         "block_tokens": block_tokens,
         "n_steps": S,
         "model": model.to_dict(),
-        "context": {"n_ctx": int(n_ctx or pos), "type_k": "f16", "type_v": "f16", "n_threads": 2, "n_ubatch": 512},
+        "context": {
+            "n_ctx": int(n_ctx or pos), "type_k": "f16", "type_v": "f16", "n_threads": 2, "n_ubatch": 512,
+            "n_batch": max(chunk, 1), "n_predict": n_decode, "n_prompt_tokens": n_prompt,
+        },
+        "capture": {"enabled": True, "backend": "synthetic", "positions": False},
     }
     return Trace(meta=meta, model=model, steps=steps, source=src, block_tokens=block_tokens)

@@ -1,18 +1,25 @@
-"""Trace format v1: a directory with versioned metadata and chunked Parquet tables.
+"""Trace format v2: a directory with versioned, checksummed metadata and chunked Parquet tables.
 
 Layout of a trace directory::
 
-    meta.json                 format name, version, complete flag, model, context, system, machine
+    meta.json                 format name, version, complete flag, model, context, system, machine,
+                              one record per chunk, and meta_sha256
     steps-00000.parquet       one row per llama_decode call (STEP_SCHEMA)
     attn-00000.parquet        attention mass per (step, layer, block) (ATTN_SCHEMA); a block with
                               no row holds 0 (writers leave out zero-mass blocks: sliding-window
                               layers' blocks outside their window)
     positions-00000.parquet   optional: mass per (step, layer, position) (POSITION_SCHEMA)
 
-Chunk ``i`` of every table covers the same steps; a chunk counts only when its
-``steps`` file exists (files are written to a temporary name and renamed, so
-a crash never leaves a half-written chunk). ``meta.json`` is written at the
-start with ``complete: false`` and rewritten when the run ends.
+Chunk ``i`` of every table covers the same steps. A chunk counts once
+``meta.json`` lists it: its first step, step count, and per file the row count,
+size and SHA-256 (files are written to unique temporary names and renamed, then
+``meta.json`` is rewritten the same way). ``meta_sha256`` is the SHA-256 of the
+rest of ``meta.json`` (canonical JSON), so an edited field is detected too.
+``meta.json`` is written at the start with ``complete: false`` and rewritten
+after each chunk and when the run ends. v1 (no checksums) is upgraded by
+:func:`llamatier.trace.upgrade.upgrade_trace`. The declared schema of
+``meta.json`` is :mod:`llamatier.trace.schema`; the value rules are
+:mod:`llamatier.trace.checks`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import polars as pl
 
 FORMAT_NAME = "llamatier-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 
 STEP_SCHEMA: dict[str, pl.DataType] = {
@@ -58,4 +65,5 @@ TABLES = {"steps": STEP_SCHEMA, "attn": ATTN_SCHEMA, "positions": POSITION_SCHEM
 
 
 def chunk_name(table: str, index: int) -> str:
+    """File name of chunk ``index`` of ``table`` (``steps``, ``attn``, ``positions``)."""
     return f"{table}-{index:05d}.parquet"

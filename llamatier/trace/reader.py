@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -14,18 +13,20 @@ import numpy as np
 import polars as pl
 
 from llamatier.errors import TraceFormatError
-from llamatier.kvtypes import KV_TYPES
 from llamatier.model import ModelInfo
-from llamatier.trace.chunks import MassSource, ParquetMassSource, iter_step_mass
-from llamatier.trace.format import (
-    ATTN_SCHEMA,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    META_FILE,
-    POSITION_SCHEMA,
-    STEP_SCHEMA,
-    chunk_name,
+from llamatier.schema import loads_strict_json, validate
+from llamatier.trace.checks import (
+    ChunkChecker,
+    check_table_layout,
+    iter_row_slices,
+    read_chunk_table,
+    verify_file,
 )
+from llamatier.trace.chunks import MassSource, ParquetMassSource, iter_step_mass
+from llamatier.trace.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, POSITION_SCHEMA
+from llamatier.trace.schema import TraceMeta, meta_digest
+
+_CHUNK_RE = re.compile(r"^(steps|attn|positions)-(\d{5,})\.parquet$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +52,7 @@ class Trace:
     path: Path | None = None
     positions: pl.DataFrame | None = field(default=None, compare=False)
     block_group: int = 1
+    unrecorded: tuple[str, ...] = field(default=(), compare=False)  # chunk files the run never recorded
 
     @property
     def complete(self) -> bool:
@@ -124,52 +126,16 @@ class Trace:
         return replace(self, block_tokens=block_tokens, block_group=self.block_group * k)
 
 
-def _read_table(path: Path, schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    if path.is_dir() or not os.access(path, os.R_OK):
-        what = "is a directory" if path.is_dir() else "is not readable (check its permissions)"
-        raise TraceFormatError(f"trace chunk {path} {what}; restore the file or re-record the trace")
-    try:
-        df = pl.read_parquet(path)
-    except Exception as exc:
-        raise TraceFormatError(
-            f"corrupt trace chunk {path}: {str(exc).splitlines()[0][:120]} (delete the chunk and "
-            "later ones, or re-record the trace)"
-        ) from None
-    missing = [c for c in schema if c not in df.columns]
-    if missing:
-        raise TraceFormatError(
-            f"trace chunk {path} lacks columns {missing}: it is not a v{FORMAT_VERSION} llamatier trace"
-        )
-    try:
-        return df.select([pl.col(c).cast(t, strict=True) for c, t in schema.items()])
-    except Exception:
-        raise TraceFormatError(f"trace chunk {path} has columns of the wrong type; re-record the trace") from None
+def _meta_error(mp: Path, what: str) -> TraceFormatError:
+    return TraceFormatError(f"{mp} {what}: the trace metadata is corrupt; restore it or re-record the trace")
 
 
-def attn_row_count(path: Path) -> int:
-    """Rows of an ``attn-*.parquet`` chunk, from its footer; checks the file is readable and has the
-    attention columns (the rows themselves are read, and checked, when the mass is streamed)."""
-    if path.is_dir() or not os.access(path, os.R_OK):
-        what = "is a directory" if path.is_dir() else "is not readable (check its permissions)"
-        raise TraceFormatError(f"trace chunk {path} {what}; restore the file or re-record the trace")
-    try:
-        schema = pl.read_parquet_schema(path)
-        n = int(pl.scan_parquet(path).select(pl.len()).collect().item())
-    except Exception as exc:
-        raise TraceFormatError(
-            f"corrupt trace chunk {path}: {str(exc).splitlines()[0][:120]} (delete the chunk and "
-            "later ones, or re-record the trace)"
-        ) from None
-    missing = [c for c in ATTN_SCHEMA if c not in schema]
-    if missing:
-        raise TraceFormatError(
-            f"trace chunk {path} lacks columns {missing}: it is not a v{FORMAT_VERSION} llamatier trace"
-        )
-    return n
+def read_trace_meta(path: str | Path) -> tuple[dict[str, Any], TraceMeta]:
+    """Read ``meta.json`` of a trace directory: the raw dict and its validated schema object.
 
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """Read and validate ``meta.json`` of a trace directory."""
+    Checks, in order: UTF-8, JSON (NaN/Infinity refused), the format name and version, the
+    declared schema (:class:`~llamatier.trace.schema.TraceMeta`), then ``meta_sha256``.
+    """
     p = Path(path)
     if not p.exists():
         raise TraceFormatError(f"trace not found: {p} (record one with `llamatier trace MODEL.gguf --out {p}`)")
@@ -178,80 +144,112 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     mp = p / META_FILE
     if not mp.exists():
         raise TraceFormatError(f"{p} is not a llamatier trace: {META_FILE} is missing (record one with `llamatier trace`)")
+    if mp.is_dir():
+        raise TraceFormatError(f"{mp} is a directory, not the trace metadata; restore it or re-record the trace")
     try:
-        text = mp.read_text()
+        data = mp.read_bytes()
     except OSError as exc:
         raise TraceFormatError(f"cannot read {mp}: {exc.strerror or exc} (check its permissions)") from None
     try:
-        meta = json.loads(text)
-    except Exception:
-        raise TraceFormatError(f"{mp} is not valid JSON: the trace metadata is corrupt; re-record the trace") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _meta_error(mp, "is not UTF-8 text") from None
+    try:
+        meta = loads_strict_json(text)
+    except ValueError as exc:
+        what = str(exc) if "not JSON" in str(exc) else "is not valid JSON"
+        raise _meta_error(mp, what) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise TraceFormatError(f"{p} is not a llamatier trace ({META_FILE} has no format '{FORMAT_NAME}')")
-    if meta.get("version") != FORMAT_VERSION:
+    version = meta.get("version")
+    if version == 1:
         raise TraceFormatError(
-            f"{p} is trace format v{meta.get('version')}; this llamatier reads v{FORMAT_VERSION} "
+            f"{p} is trace format v1, which has no checksums: upgrade it with `llamatier upgrade-trace {p}` "
+            "(checks every value, then records checksums) or re-record the trace"
+        )
+    if version != FORMAT_VERSION:
+        raise TraceFormatError(
+            f"{p} is trace format v{version}; this llamatier reads v{FORMAT_VERSION} "
             "(upgrade llamatier or re-record the trace)"
         )
-    for key in ("model", "context", "block_tokens"):
-        if key not in meta:
-            raise TraceFormatError(f"{mp} lacks '{key}': the trace metadata is truncated; re-record the trace")
-    bt = meta["block_tokens"]
-    if not isinstance(bt, int) or isinstance(bt, bool) or bt < 1:
-        raise TraceFormatError(f"{mp} has block_tokens {bt!r}, not a whole number >= 1: the metadata is corrupt; re-record the trace")
-    ctx = meta["context"]
-    if not isinstance(ctx, dict):
-        raise TraceFormatError(f"{mp} has a malformed 'context' entry; re-record the trace")
-    for key in ("type_k", "type_v"):
-        if key in ctx and str(ctx[key]).strip().lower() not in KV_TYPES:
-            raise TraceFormatError(
-                f"{mp} records context {key} {ctx[key]!r}, not a KV type this llamatier knows "
-                f"({', '.join(KV_TYPES)}): upgrade llamatier or re-record the trace"
-            )
-    return meta
+    tm = validate(TraceMeta, meta, source=str(mp), error=TraceFormatError,
+                  fix="the trace metadata is corrupt; restore it or re-record the trace")
+    if meta_digest(meta) != tm.meta_sha256:
+        raise TraceFormatError(
+            f"{mp} does not match its meta_sha256: it was changed after the trace was written; "
+            "restore it or re-record the trace"
+        )
+    return meta, tm
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``meta.json`` of a trace directory (schema and checksum); the raw dict."""
+    return read_trace_meta(path)[0]
+
+
+def unrecorded_chunks(path: Path, n_chunks: int) -> list[str]:
+    """Chunk files in ``path`` with an index that ``meta.json`` does not list, sorted."""
+    out = []
+    for f in path.iterdir():
+        m = _CHUNK_RE.match(f.name)
+        if m and int(m.group(2)) >= n_chunks:
+            out.append(f.name)
+    return sorted(out)
 
 
 def load_trace(path: str | Path, *, positions: bool = False) -> Trace:
-    """Load a trace directory, validating version and schema.
+    """Load a trace directory, verifying the metadata, every chunk's checksum and every value rule.
 
-    An incomplete trace (Ctrl-C, crash) loads with every completed chunk and
-    ``trace.complete == False``.
+    Every chunk file is hashed and its rows checked once, here, a row slice at a
+    time (memory: one slice plus one chunk's steps); replays then stream the
+    attention from the verified files. An incomplete trace (Ctrl-C, crash) loads
+    with every recorded chunk and ``trace.complete == False``; chunk files the run
+    wrote but never recorded (it stopped in between) are left out and named in
+    ``trace.unrecorded``.
     """
     p = Path(path)
-    meta = read_meta(p)
-    try:
-        model = ModelInfo.from_dict(meta["model"])
-    except Exception:
-        raise TraceFormatError(f"{p / META_FILE} has a malformed 'model' entry; re-record the trace") from None
-    block_tokens = int(meta["block_tokens"])
-    step_frames, attn_chunks, pos_frames = [], [], []
-    i = n_steps = 0
-    while (p / chunk_name("steps", i)).exists():
-        attn_path = p / chunk_name("attn", i)
-        if not attn_path.exists():
-            raise TraceFormatError(f"trace {p} is truncated: {attn_path.name} is missing; re-record the trace")
-        frame = _read_table(p / chunk_name("steps", i), STEP_SCHEMA)
-        step_frames.append(frame)
-        attn_chunks.append((attn_path, attn_row_count(attn_path), n_steps, n_steps + frame.height))
-        n_steps += frame.height
-        if positions and (p / chunk_name("positions", i)).exists():
-            pos_frames.append(_read_table(p / chunk_name("positions", i), POSITION_SCHEMA))
-        i += 1
-    if i == 0:
-        if meta.get("complete"):
-            raise TraceFormatError(f"trace {p} is marked complete but has no chunks: files were removed")
+    meta, tm = read_trace_meta(p)
+    model = tm.model.to_model_info()
+    extra = unrecorded_chunks(p, tm.n_chunks)
+    if extra and tm.complete:
+        raise TraceFormatError(
+            f"trace {p} is marked complete but holds chunk files meta.json does not list ({', '.join(extra[:3])}): "
+            "they come from another trace; remove them or re-record the trace"
+        )
+    if not tm.chunks:
         raise TraceFormatError(
             f"trace {p} holds no completed chunk (the run stopped before the first chunk was written)"
         )
+    checker = ChunkChecker(tm, p)
+    step_frames, attn_chunks, pos_frames = [], [], []
+    for rec in tm.chunks:
+        for f in rec.files.values():
+            verify_file(p, f)
+        steps = read_chunk_table(p, "steps", rec.files["steps"])
+        ctx = checker.check_steps(rec, steps)
+        step_frames.append(steps)
+        tables = ["attn", "positions"] if positions and "positions" in rec.files else ["attn"]
+        for table in tables:
+            f = rec.files[table]
+            path = p / f.name
+            check_table_layout(path, table, f)
+            check = checker.mass_check(rec, table, ctx)
+            frames = []
+            for rows in iter_row_slices(path, f.rows):
+                check.feed(rows)
+                if table == "positions":
+                    frames.append(rows)
+            check.close()
+            if table == "positions":
+                pos_frames.append(pl.concat(frames) if frames else pl.DataFrame(schema=POSITION_SCHEMA))
+        attn = rec.files["attn"]
+        attn_chunks.append((p / attn.name, attn.rows, rec.first_step, rec.first_step + rec.n_steps))
+    checker.finish()
     steps = pl.concat(step_frames)
-    if not np.array_equal(steps["step"].to_numpy(), np.arange(n_steps)):
-        raise TraceFormatError(f"trace {p} has non-contiguous step numbers; its chunks are mixed up")
-    if meta.get("complete") and int(meta.get("n_steps", n_steps)) != n_steps:
-        raise TraceFormatError(
-            f"trace {p} is marked complete with {meta.get('n_steps')} steps but holds {n_steps}; it is truncated"
-        )
+    n_steps = steps.height
     ctx = (steps["pos0"].cast(pl.Int64) + steps["n_tokens"].cast(pl.Int64)).to_numpy()
-    n_blocks = int(-(-int(ctx.max()) // block_tokens)) if n_steps else 0
+    n_blocks = int(-(-int(ctx.max()) // tm.block_tokens))
     source = ParquetMassSource(attn_chunks, n_steps=n_steps, n_layers=model.n_layers, n_blocks=n_blocks)
     pos_df = pl.concat(pos_frames) if pos_frames else None
-    return Trace(meta=meta, model=model, steps=steps, source=source, block_tokens=block_tokens, path=p, positions=pos_df)
+    return Trace(meta=meta, model=model, steps=steps, source=source, block_tokens=tm.block_tokens, path=p,
+                 positions=pos_df, unrecorded=tuple(extra))

@@ -14,6 +14,7 @@ every query token weighs equally (each row sums to 1, so the mean does too).
 from __future__ import annotations
 
 import hashlib
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -118,9 +119,12 @@ def validate_config(cfg: TraceConfig) -> tuple[ModelInfo, KVType, KVType]:
         ("--batch", cfg.n_batch, 1),
         ("--threads", cfg.n_threads, 1),
         ("--block-tokens", cfg.block_tokens, 1),
+        ("--chunk-steps", cfg.chunk_steps, 1),
     ):
         if v < lo:
             raise LlamatierError(f"{name} must be >= {lo}, got {v}")
+    if not math.isfinite(cfg.temperature) or not 0 <= cfg.temperature <= 1e6:
+        raise LlamatierError(f"--temp must be a finite number >= 0 (got {cfg.temperature}); 0 samples greedily")
     for layer in range(info.n_layers):
         info.geometry.layer_bytes_per_token(layer, tk, tv)  # raises if rows do not fit the block size
     if not cfg.prompt:
