@@ -105,15 +105,21 @@ class ProcessExecutor(SweepExecutor):
         if method == "forkserver":
             _start_forkserver_without_sigint()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
         try:
-            yield from FuturesExecutor(pool).run(fn, items)
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
         except BrokenProcessPool:
             raise LlamatierError(
                 "a sweep worker process died before finishing its cell: in a script, call run_cells under "
                 "`if __name__ == '__main__':` (workers re-import the main module), or run with jobs=1"
             ) from None
         except KeyboardInterrupt:
+            # Terminate first, cancel nothing: the pool then fails every unfinished cell itself. (Python
+            # 3.11's pool raises InvalidStateError in its own thread, a traceback on stderr, when it
+            # fails a cell that was cancelled a moment before.)
             _stop_workers(pool)
+            pool.shutdown(wait=True)
             raise
         finally:
             pool.shutdown(cancel_futures=True)
