@@ -200,11 +200,12 @@ def _mark_trace(trace_dir: str | None, error: str) -> tuple[str, int] | None:
     if meta.get("complete"):
         return None
     meta.update(complete=False, error=error)
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
-    except OSError:
+    from llamatier.errors import LlamatierError
+    from llamatier.trace.writer import atomic_write_bytes, meta_json_bytes
+
+    try:  # sealed with a fresh meta_sha256, as the writer would have left it
+        atomic_write_bytes(meta_path, meta_json_bytes(meta))
+    except (OSError, LlamatierError):
         pass
     return trace_dir, int(meta.get("n_steps", 0))
 

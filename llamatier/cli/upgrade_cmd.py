@@ -20,4 +20,4 @@ def upgrade_trace_cmd(
     for t in traces:
         n = upgrade_trace(t)
         what = f"upgraded to v2 ({n} chunks checked and recorded)" if n else "already v2"
-        console.print(f"{t}: {what}", highlight=False)
+        console.print(f"{t}: {what}", highlight=False, soft_wrap=True)
