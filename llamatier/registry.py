@@ -185,7 +185,7 @@ class Registry(Generic[T]):
             return spec
         try:
             return cls(**params)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # a wrong name or a value the class refuses
             raise LlamatierError(f"bad parameters for {self.kind} {getattr(cls, 'name', cls.__name__)!r}: {exc}") from None
 
 

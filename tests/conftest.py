@@ -79,6 +79,35 @@ def gemma_trace():  # noqa: ANN201
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a `llamatier` command in this process (typer's CliRunner), from the repository root.
+
+    The result looks like a finished subprocess: real exit code, stdout and stderr apart, and an
+    exception that escaped the command appended to stderr as a traceback, so that the one-line
+    error checks see it. Use :func:`run_cli_subprocess` where a separate process is the point
+    (the console entry point, signals, a native crash). ``timeout`` is the subprocess's only.
+    """
+    import contextlib
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from llamatier.cli import app
+    from llamatier.cli.app import console, err_console
+
+    widths = console.width, err_console.width
+    console.width = err_console.width = 200  # as COLUMNS=200 gives a subprocess
+    try:
+        with contextlib.chdir(REPO):
+            res = CliRunner().invoke(app, list(args), env=env)
+    finally:
+        console.width, err_console.width = widths
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(res.exception))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, err)
+
+
+def run_cli_subprocess(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `llamatier` console entry point in a subprocess."""
     e = dict(os.environ)
     e.setdefault("COLUMNS", "200")

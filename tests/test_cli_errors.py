@@ -14,26 +14,21 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
-from llamatier.cli import app
-from tests.conftest import COMMITTED_GEMMA_TRACE, REPO, TINY_PROMPT, assert_one_line_error, run_cli
+from tests.conftest import (
+    COMMITTED_GEMMA_TRACE,
+    REPO,
+    TINY_PROMPT,
+    assert_one_line_error,
+    run_cli,
+    run_cli_subprocess,
+)
 
 NOT_GGUF = b"this is not a model\n"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """Run the CLI in this process; the result looks like a finished subprocess."""
-    res = CliRunner().invoke(app, list(args))
-    err = res.stderr
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        err += "".join(traceback.format_exception(res.exception))
-    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, err)
 
 
 # -- broken trace directories --------------------------------------------------------------------
@@ -92,12 +87,12 @@ TRACE_PROBLEMS = [
 @pytest.mark.parametrize(("name", "needle"), TRACE_PROBLEMS, ids=[n for n, _ in TRACE_PROBLEMS])
 def test_broken_trace_directories(bad_traces, tmp_path, command, name, needle):
     extra = ["--out", str(tmp_path / "s.parquet"), "--jobs", "1"] if command == "sweep" else []
-    assert_one_line_error(cli(command, str(bad_traces / name), *extra), needle)
+    assert_one_line_error(run_cli(command, str(bad_traces / name), *extra), needle)
 
 
 def test_the_console_entry_point_gives_one_line_too(bad_traces):
     """The real `python -m llamatier` process: exit code and stderr as a shell sees them."""
-    err = assert_one_line_error(run_cli("replay", str(bad_traces / "truncated")), "truncated", "re-record")
+    err = assert_one_line_error(run_cli_subprocess("replay", str(bad_traces / "truncated")), "truncated", "re-record")
     assert err.startswith("error:")
 
 
@@ -127,7 +122,7 @@ REPLAY_PROBLEMS = [
 @pytest.mark.parametrize("command", ["replay", "compare"])
 @pytest.mark.parametrize(("args", "needles"), REPLAY_PROBLEMS, ids=[" ".join(a) for a, _ in REPLAY_PROBLEMS])
 def test_replay_and_compare_options(tiny_trace_dir, command, args, needles):
-    assert_one_line_error(cli(command, str(tiny_trace_dir), *args), *needles)
+    assert_one_line_error(run_cli(command, str(tiny_trace_dir), *args), *needles)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +153,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 )
 def test_replay_paths(tiny_trace_dir, files, args, needles):
     args = [a.format(d=files) for a in args]
-    assert_one_line_error(cli("replay", str(tiny_trace_dir), *args), *needles)
+    assert_one_line_error(run_cli("replay", str(tiny_trace_dir), *args), *needles)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +165,7 @@ def test_replay_paths(tiny_trace_dir, files, args, needles):
     ],
 )
 def test_unknown_or_no_policy(tiny_trace_dir, command, args, needles):
-    assert_one_line_error(cli(command, str(tiny_trace_dir), *args), *needles)
+    assert_one_line_error(run_cli(command, str(tiny_trace_dir), *args), *needles)
 
 
 @pytest.mark.parametrize(
@@ -199,7 +194,7 @@ def test_unknown_or_no_policy(tiny_trace_dir, command, args, needles):
 def test_sweep_options_fail_before_any_cell_runs(tiny_trace_dir, files, tmp_path, args, needles):
     args = [a.format(d=files) for a in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "s.parquet")]
-    proc = cli("sweep", str(tiny_trace_dir), "--jobs", "1", *out, *args)
+    proc = run_cli("sweep", str(tiny_trace_dir), "--jobs", "1", *out, *args)
     err = assert_one_line_error(proc, *needles)
     assert "no sweep cell could be replayed" not in err  # caught up front, not per cell
     assert (files / "a-file.txt").read_text() == "hello\n"  # an existing non-sweep file is never overwritten
@@ -231,13 +226,13 @@ def test_trace_options(tiny_model, files, tmp_path, args, needles):
     args = [a.format(m=tiny_model, d=files) for a in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "t")]
     prompt = [] if "--prompt-file" in args else ["--prompt", "hello"]
-    assert_one_line_error(cli("trace", *args, *prompt, "-n", "2", *out), *needles)
+    assert_one_line_error(run_cli("trace", *args, *prompt, "-n", "2", *out), *needles)
     assert not (tmp_path / "t").exists()
 
 
 def test_trace_into_a_non_empty_folder_keeps_what_is_there(tiny_model, tiny_trace_dir):
     before = sorted(p.name for p in tiny_trace_dir.iterdir())
-    assert_one_line_error(cli("trace", str(tiny_model), "--prompt", "hi", "--out", str(tiny_trace_dir)), "--force")
+    assert_one_line_error(run_cli("trace", str(tiny_model), "--prompt", "hi", "--out", str(tiny_trace_dir)), "--force")
     assert sorted(p.name for p in tiny_trace_dir.iterdir()) == before
 
 
@@ -256,7 +251,7 @@ def test_trace_into_a_non_empty_folder_keeps_what_is_there(tiny_model, tiny_trac
 )
 def test_quality_options(tiny_model_hd32, files, args, needles):
     args = [a.format(d=files) for a in args]
-    assert_one_line_error(cli("quality", str(tiny_model_hd32), *args), *needles)
+    assert_one_line_error(run_cli("quality", str(tiny_model_hd32), *args), *needles)
 
 
 @pytest.mark.parametrize(
@@ -273,7 +268,7 @@ def test_quality_options(tiny_model_hd32, files, args, needles):
 def test_demo_options_fail_before_tracing(files, args, needles):
     args = [a.format(d=files) for a in args]
     t0 = time.perf_counter()
-    assert_one_line_error(cli("demo", "-n", "1", *args), *needles)
+    assert_one_line_error(run_cli("demo", "-n", "1", *args), *needles)
     assert time.perf_counter() - t0 < 30, "the demo traced Gemma before checking its options"
 
 
@@ -289,7 +284,7 @@ def test_demo_options_fail_before_tracing(files, args, needles):
     ],
 )
 def test_usage_errors_are_one_line(args, needles):
-    assert_one_line_error(cli(*args), *needles)
+    assert_one_line_error(run_cli(*args), *needles)
 
 
 # -- incomplete traces replay, and say so ------------------------------------------------------------
@@ -329,7 +324,7 @@ def test_interrupted_trace_replays_with_an_honest_note(interrupted_traces, tmp_p
     meta = json.loads((d / "meta.json").read_text())
     assert meta["complete"] is False and meta["interrupted"] is True and meta["n_steps"] == 10
     for command in ("replay", "compare"):
-        proc = cli(command, str(d), "--json")
+        proc = run_cli(command, str(d), "--json")
         assert proc.returncode == 0, proc.stderr
         doc = json.loads(proc.stdout)
         notes = doc["notes"] if command == "replay" else doc["policies"][0]["notes"]
@@ -337,7 +332,7 @@ def test_interrupted_trace_replays_with_an_honest_note(interrupted_traces, tmp_p
         planned = meta["context"]["n_prompt_tokens"] + meta["context"]["n_predict"]
         assert "interrupted" in note and "10 steps" in note and f"of {planned} planned tokens" in note
     out = tmp_path / "s.parquet"
-    proc = cli("sweep", str(d), "--jobs", "1", "--hbm-budget", "50%", "--out", str(out))
+    proc = run_cli("sweep", str(d), "--jobs", "1", "--hbm-budget", "50%", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "note: trace is incomplete (interrupted)" in proc.stdout.replace("\n", " ")
     rows = pl.read_parquet(out)
@@ -347,12 +342,12 @@ def test_interrupted_trace_replays_with_an_honest_note(interrupted_traces, tmp_p
 
 def test_trace_interrupted_in_prefill_says_it_has_no_decode_step(interrupted_traces):
     d = interrupted_traces["prefill"]
-    proc = cli("replay", str(d))
+    proc = run_cli("replay", str(d))
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
     assert "it holds no decode step" in text and "decode time: no decode steps" in text
-    assert "()" not in cli("compare", str(d)).stdout
-    inspect = " ".join(cli("inspect", str(d)).stdout.split())
+    assert "()" not in run_cli("compare", str(d)).stdout
+    inspect = " ".join(run_cli("inspect", str(d)).stdout.split())
     assert "over 96 of " in inspect and "no decode steps" in inspect
 
 
@@ -372,7 +367,7 @@ def test_sweep_interrupted_in_process_writes_finished_rows(tiny_trace_dir, tmp_p
 
     monkeypatch.setattr(runner, "run_cell", run_cell)
     out = tmp_path / "s.parquet"
-    proc = cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--hbm-budget", "25%,50%", "--out", str(out))
+    proc = run_cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--hbm-budget", "25%,50%", "--out", str(out))
     assert proc.returncode == 130
     assert_one_line_error(proc, "interrupted after 3 of 8 cells", "run the sweep again")
     rows = pl.read_parquet(out)
@@ -418,7 +413,7 @@ def test_ctrl_c_elsewhere_is_one_line_with_exit_130(tiny_model_hd32, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(quality, "measure_quality", interrupted)
-    proc = cli("quality", str(tiny_model_hd32), "-k", "f16")
+    proc = run_cli("quality", str(tiny_model_hd32), "-k", "f16")
     assert proc.returncode == 130
     assert_one_line_error(proc, "interrupted", "run it again")
 
@@ -446,21 +441,21 @@ def test_calibrate_and_validate_bad_input(tiny_trace_dir, tmp_path, args, needle
         for k, v in subst.items():
             a = a.replace(k, v)
         real.append(a)
-    assert_one_line_error(cli(*real), *needles)
+    assert_one_line_error(run_cli(*real), *needles)
     assert not (tmp_path / "x.toml").exists()
 
 
 def test_sweep_never_replaces_an_earlier_result_without_force(tiny_trace_dir, tmp_path):
     out = tmp_path / "s.parquet"
-    first = cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "static", "--hbm-budget", "50%",
+    first = run_cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "static", "--hbm-budget", "50%",
                 "--out", str(out))
     assert first.returncode == 0, first.stderr
     before = out.read_bytes()
-    again = cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "lru", "--hbm-budget", "50%",
+    again = run_cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "lru", "--hbm-budget", "50%",
                 "--out", str(out))
     assert_one_line_error(again, "already holds a sweep result", "--force")
     assert out.read_bytes() == before
-    forced = cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "lru", "--hbm-budget", "50%",
+    forced = run_cli("sweep", str(tiny_trace_dir), "--jobs", "1", "--policies", "lru", "--hbm-budget", "50%",
                  "--out", str(out), "--force")
     assert forced.returncode == 0, forced.stderr
     assert pl.read_parquet(out)["policy"].to_list() == ["lru"]

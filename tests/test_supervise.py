@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llamatier.engines.llamacpp import repack
 from llamatier.trace import load_trace
-from tests.conftest import REPO, TINY_PROMPT, assert_one_line_error, run_cli
+from tests.conftest import REPO, TINY_PROMPT, assert_one_line_error, run_cli_subprocess
 
 CRASH_CLI = REPO / "tests" / "crash_cli.py"
 
@@ -53,7 +53,7 @@ def test_a_segfault_is_one_line_with_cause_fix_log_and_the_kept_trace(tiny_model
     verdict = json.loads((cache / repack.VERDICTS_FILE).read_text())["verdicts"][ok.key]
     assert verdict["verdict"] == "crash" and verdict["source"] == "earlier crash"
     # the next run (the plain CLI) loads without repacking, says so, and records why
-    p2 = run_cli("trace", str(tiny_model), "--prompt", "hello", "-n", "2", "--ctx", "64", "--threads", "1",
+    p2 = run_cli_subprocess("trace", str(tiny_model), "--prompt", "hello", "-n", "2", "--ctx", "64", "--threads", "1",
                  "--out", str(tmp_path / "again"), env=env)
     assert p2.returncode == 0 and p2.stderr.startswith("note: llama.cpp crashed (SIGSEGV) in an earlier run")
     rec = load_trace(tmp_path / "again").meta["engine"]["repack"]

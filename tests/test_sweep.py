@@ -131,7 +131,7 @@ def test_sweep_rows_equal_separate_replays(small_sweep, tiny_trace):
             assert row["hbm_budget_bytes"] == b.size_bytes
         want_budget = None if b.is_auto else b.resolve_bytes(row["kv_peak_bytes"])
         direct = replay(tiny_trace, load_profile(cell.profile), cell.policy,
-                        ReplayOptions(hbm_budget_bytes=want_budget, kv_type=cell.kv_type))
+                        ReplayOptions(hbm_budget_bytes=want_budget, kv_type=cell.options.kv_type))
         expect = summary_row(direct.summary())
         for k, v in expect.items():
             if k in TIMING_COLUMNS:
@@ -147,6 +147,18 @@ def test_sweep_rows_equal_separate_replays(small_sweep, tiny_trace):
     df = rows_frame(rows)
     a100 = df.filter((pl.col("profile") == "a100-40g") & (pl.col("kv_type") == "f16/f16"))
     assert a100.group_by("policy").agg(pl.col("p99_s").n_unique())["p99_s"].max() > 1
+
+
+def test_every_output_column_is_filled_for_a_cell_that_ran(small_sweep):
+    """A row's figures come from the summary by path: a renamed summary key must not pass as None == None."""
+    from llamatier.sweep.cells import _OUTPUTS
+
+    _, rows = small_sweep
+    ran = [r for r in rows if r["runs"] and r["error"] is None]
+    assert len(ran) == len(rows)
+    for r in ran:
+        empty = [name for name, _, _ in _OUTPUTS if r[name] is None]
+        assert not empty, (r["profile"], r["policy"], empty)
 
 
 def test_custom_executor_gives_the_same_rows(small_sweep):
@@ -238,7 +250,7 @@ def test_cli_sweep_bad_input_is_one_line(tiny_trace_dir, tmp_path, args, needles
 def test_budget_points_are_picklable_and_hashable():
     import pickle
 
-    cell = SweepCell("t", "a100-40g", "lru", BudgetPoint(fraction=0.5), kv_type="q8_0")
+    cell = SweepCell("t", "a100-40g", "lru", BudgetPoint(fraction=0.5), ReplayOptions(kv_type="q8_0", policy_params={"lru": {}}))
     assert pickle.loads(pickle.dumps(cell)) == cell
     assert hash(cell) == hash(pickle.loads(pickle.dumps(cell)))
     assert np.isfinite(BudgetPoint(fraction=0.5).fraction)

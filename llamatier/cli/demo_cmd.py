@@ -30,10 +30,9 @@ def demo(
     from llamatier.cli.trace_cmd import _default_threads, run_with_progress
     from llamatier.demo import builtin_prompt, demo_model_path
     from llamatier.hardware import load_profile
-    from llamatier.replay import compare, prepare
+    from llamatier.replay import ReplayOptions, compare
     from llamatier.replay.report import compare_renderables, print_renderables
     from llamatier.sweep import make_cells, parse_budgets, rows_frame, run_cells
-    from llamatier.sweep.cells import peak_kv_bytes
     from llamatier.target import resolve_geometry
     from llamatier.trace import load_trace
     from llamatier.trace.summary import inspect_trace, render_inspection
@@ -74,9 +73,8 @@ def demo(
     _print_tables(df)
 
     console.rule(f"[bold]4. compare: policies side by side at an HBM budget of {budget}")
-    cell = make_cells(out, policies=["static"], budgets=[point], profiles=[profile], geometry=geometry)[0]
-    budget_bytes = point.resolve_bytes(peak_kv_bytes(prepare(tr, prof, cell.options(None))))
-    comparison = compare(tr, prof, list(DEMO_POLICIES), cell.options(budget_bytes))
+    options = ReplayOptions(target=resolve_geometry(geometry)).with_hbm_budget(point)  # % of this replay's peak KV
+    comparison = compare(tr, prof, list(DEMO_POLICIES), options)
     print_renderables(console, compare_renderables(comparison.summary()))
     console.print(f"[dim]demo finished in {time.perf_counter() - t0:.0f} s; replay the trace yourself: "
                   f"llamatier compare {out} --geometry {geometry} --profile {profile}[/]")

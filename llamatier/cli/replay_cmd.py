@@ -8,48 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from llamatier.cli.app import app, cli_errors, console, print_json
+from llamatier.cli.options import PolicyParamOpt, replay_options
 from llamatier.errors import LlamatierError
 from llamatier.registry import POLICIES
-from llamatier.replay import DEFAULT_POLICIES
+from llamatier.replay import DEFAULT_POLICIES, ReplayOptions
 
 PROFILE_HELP = "Hardware profile: a built-in name (llamatier profiles) or a path to a profile TOML."
-GEOMETRY_HELP = (
-    "What-if model: a geometry preset (llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, llama3-70b, gemma3-27b) "
-    "or a .gguf whose header gives layers, KV heads and head dims."
-)
-
-
-def _options(
-    *,
-    hbm_budget: str | None,
-    dram_budget: str | None,
-    kv_type: str | None,
-    geometry: str | None,
-    block_tokens: int | None,
-    mode: str,
-    block_budget: int | None,
-    static_mode: str,
-    dram_reads: str,
-    prefetch: bool,
-    swa_full: bool,
-) -> Any:
-    from llamatier.replay import ReplayOptions
-    from llamatier.target import resolve_geometry
-    from llamatier.units import parse_size_bytes
-
-    return ReplayOptions(
-        mode=mode,
-        block_budget=block_budget,
-        hbm_budget_bytes=parse_size_bytes(hbm_budget, what="--hbm-budget") if hbm_budget is not None else None,
-        dram_budget_bytes=parse_size_bytes(dram_budget, what="--dram-budget") if dram_budget is not None else None,
-        kv_type=kv_type,
-        target=resolve_geometry(geometry) if geometry else None,
-        block_tokens=block_tokens,
-        static_mode=static_mode,
-        dram_reads=dram_reads,
-        prefetch=prefetch,
-        swa_full=swa_full,
-    )
 
 
 def _quality(path: Path | None, kv: str) -> tuple[dict | None, str | None]:
@@ -97,20 +61,9 @@ def _write_reports(what: Any, *, plot: Path | None, timeline: Path | None) -> No
         write_timeline(what, timeline)
 
 
-# Shared option declarations: one Annotated alias per option, used by replay and compare.
+# Options replay and compare share beyond the replay options (those come from ReplayOptions).
 TraceArg = Annotated[Path, typer.Argument(metavar="TRACE", help="Trace directory written by `llamatier trace`.")]
 ProfileOpt = Annotated[str, typer.Option("--profile", help=PROFILE_HELP)]
-HbmBudgetOpt = Annotated[str | None, typer.Option("--hbm-budget", help="KV bytes allowed in HBM, e.g. 2GiB (default: HBM minus weights).")]
-DramBudgetOpt = Annotated[str | None, typer.Option("--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity).")]
-KvTypeOpt = Annotated[str | None, typer.Option("--kv-type", help="Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0).")]
-GeometryOpt = Annotated[str | None, typer.Option("--geometry", help=GEOMETRY_HELP)]
-BlockTokensOpt = Annotated[int | None, typer.Option("--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's).")]
-ModeOpt = Annotated[str, typer.Option("--mode", help="lossless (every visible block read) or sparse (--block-budget).")]
-BlockBudgetOpt = Annotated[int | None, typer.Option("--block-budget", help="Sparse mode: blocks read per layer per decode step.")]
-StaticModeOpt = Annotated[str, typer.Option("--static-mode", help="static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split).")]
-DramReadsOpt = Annotated[str, typer.Option("--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer.")]
-PrefetchOpt = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time during compute.")]
-SwaFullOpt = Annotated[bool, typer.Option("--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full).")]
 QualityOpt = Annotated[Path | None, typer.Option("--quality", help="Quality file from `llamatier quality`: show measured accuracy beside the byte saving.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (SI units).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Draw per-step latency and tier occupancy to FILE.png or FILE.svg.")]
@@ -119,36 +72,27 @@ TimelineOpt = Annotated[Path | None, typer.Option("--timeline", help="Write the 
 
 @app.command()
 @cli_errors
+@replay_options()
 def replay(
     trace: TraceArg,
     policy: str = typer.Option("adaptive", "--policy", "-p", help=f"Placement policy: {POLICIES.help_names()}."),
     profile: ProfileOpt = "a100-40g",
-    hbm_budget: HbmBudgetOpt = None,
-    dram_budget: DramBudgetOpt = None,
-    kv_type: KvTypeOpt = None,
-    geometry: GeometryOpt = None,
-    block_tokens: BlockTokensOpt = None,
-    mode: ModeOpt = "lossless",
-    block_budget: BlockBudgetOpt = None,
-    static_mode: StaticModeOpt = "nkvo",
-    dram_reads: DramReadsOpt = "auto",
-    prefetch: PrefetchOpt = False,
-    swa_full: SwaFullOpt = False,
+    policy_param: PolicyParamOpt = None,
     quality: QualityOpt = None,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
     timeline: TimelineOpt = None,
+    *,
+    options: ReplayOptions,
 ) -> None:
     """Replay a trace under one placement policy and report latency, bytes, tiers and energy."""
     from llamatier.replay import replay as run_replay
     from llamatier.replay import report
 
-    opts = _options(hbm_budget=hbm_budget, dram_budget=dram_budget, kv_type=kv_type, geometry=geometry,
-                    block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
-                    dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
+    options = _with_policy_params(options, policy_param, [policy])
     _check_report_paths(plot, timeline)
     tr, prof = _load(trace, profile)
-    result = run_replay(tr, prof, policy, opts)
+    result = run_replay(tr, prof, policy, options)
     summary = result.summary()
     _write_reports(result, plot=plot, timeline=timeline)
     q, qsrc = _quality(quality, summary["kv_type"])
@@ -163,27 +107,20 @@ def replay(
 
 @app.command()
 @cli_errors
+@replay_options()
 def compare(
     trace: TraceArg,
     policies: str = typer.Option(
         ",".join(DEFAULT_POLICIES), "--policies", help=f"Comma-separated policies to compare, of: {POLICIES.help_names()}."
     ),
     profile: ProfileOpt = "a100-40g",
-    hbm_budget: HbmBudgetOpt = None,
-    dram_budget: DramBudgetOpt = None,
-    kv_type: KvTypeOpt = None,
-    geometry: GeometryOpt = None,
-    block_tokens: BlockTokensOpt = None,
-    mode: ModeOpt = "lossless",
-    block_budget: BlockBudgetOpt = None,
-    static_mode: StaticModeOpt = "nkvo",
-    dram_reads: DramReadsOpt = "auto",
-    prefetch: PrefetchOpt = False,
-    swa_full: SwaFullOpt = False,
+    policy_param: PolicyParamOpt = None,
     quality: QualityOpt = None,
     json_out: JsonOpt = False,
     plot: PlotOpt = None,
     timeline: TimelineOpt = None,
+    *,
+    options: ReplayOptions,
 ) -> None:
     """Compare placement policies side by side on one trace, with ratios against llama.cpp's static placement."""
     from llamatier.replay import compare as run_compare
@@ -192,16 +129,12 @@ def compare(
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise LlamatierError("--policies is empty: give a comma-separated list, e.g. static,adaptive")
-    from llamatier.policies import get_policy
-
     for n in names:
-        get_policy(n)  # fail fast on a typo, listing the valid names
-    opts = _options(hbm_budget=hbm_budget, dram_budget=dram_budget, kv_type=kv_type, geometry=geometry,
-                    block_tokens=block_tokens, mode=mode, block_budget=block_budget, static_mode=static_mode,
-                    dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full)
+        POLICIES.get(n)  # fail fast on a typo, listing the valid names
+    options = _with_policy_params(options, policy_param, names)
     _check_report_paths(plot, timeline)
     tr, prof = _load(trace, profile)
-    comparison = run_compare(tr, prof, names, opts)
+    comparison = run_compare(tr, prof, names, options)
     summary = comparison.summary()
     _write_reports(comparison, plot=plot, timeline=timeline)
     kv = summary["policies"][0]["kv_type"]
@@ -213,3 +146,14 @@ def compare(
     report.print_renderables(
         console, report.compare_renderables(summary, quality_line=report.quality_text(q, kv, qsrc))
     )
+
+
+def _with_policy_params(options: ReplayOptions, texts: list[str] | None, policies: list[str]) -> ReplayOptions:
+    """``--policy-param`` values added to the options (checked against the policies' parameters)."""
+    if not texts:
+        return options
+    from dataclasses import replace
+
+    from llamatier.replay.options import parse_policy_params
+
+    return replace(options, policy_params=parse_policy_params(texts, policies))

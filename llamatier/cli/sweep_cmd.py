@@ -7,15 +7,15 @@ from pathlib import Path
 import typer
 
 from llamatier.cli.app import app, cli_errors, console, err_console, print_json
+from llamatier.cli.options import replay_options
 from llamatier.errors import LlamatierError
 from llamatier.registry import EXECUTORS, POLICIES
-from llamatier.replay import DEFAULT_POLICIES
-
-GEOMETRY_HELP = "What-if model: a geometry preset (e.g. llama3-8b) or a .gguf whose header gives the KV geometry."
+from llamatier.replay import DEFAULT_POLICIES, ReplayOptions
 
 
 @app.command()
 @cli_errors
+@replay_options(axes=False)
 def sweep(
     trace: Path = typer.Argument(..., help="Trace directory written by `llamatier trace`."),
     policies: str = typer.Option(
@@ -26,17 +26,13 @@ def sweep(
         help="HBM budgets for KV: % of the trace's peak KV bytes or sizes; lists and ranges, e.g. 10%..100%, 1GiB,2GiB, auto.",
     ),
     steps: int = typer.Option(10, "--steps", help="Points per budget range A..B (ends included)."),
-    profiles: str = typer.Option("a100-40g", "--profiles", help="Comma-separated hardware profiles (names or TOML paths)."),
     kv_types: str = typer.Option(None, "--kv-types", help="Comma-separated GGUF KV types, K/V or one type (default: the trace's)."),
-    geometry: str = typer.Option(None, "--geometry", help=GEOMETRY_HELP),
-    block_tokens: int = typer.Option(None, "--block-tokens", help="Re-aggregate to coarser blocks (a multiple of the trace's)."),
-    mode: str = typer.Option("lossless", "--mode", help="lossless (every visible block read) or sparse (--block-budget)."),
-    block_budget: int = typer.Option(None, "--block-budget", help="Sparse mode: blocks read per layer per decode step."),
-    dram_budget: str = typer.Option(None, "--dram-budget", help="KV bytes allowed in DRAM, e.g. 64GiB (default: DRAM capacity)."),
-    static_mode: str = typer.Option("nkvo", "--static-mode", help="static when KV does not fit HBM: nkvo or layers."),
-    dram_reads: str = typer.Option("auto", "--dram-reads", help="adaptive/oracle: DRAM KV attended on the host, fetched, or auto."),
-    prefetch: bool = typer.Option(False, "--prefetch/--no-prefetch", help="adaptive: migrations may hide in idle link time."),
-    swa_full: bool = typer.Option(False, "--swa-full", help="Keep every cell of sliding-window layers (llama.cpp --swa-full)."),
+    profiles: str = typer.Option("a100-40g", "--profiles", help="Comma-separated hardware profiles (names or TOML paths)."),
+    policy_param: list[str] = typer.Option(
+        None, "--policy-param",
+        help="Policy parameter values to sweep, repeatable: POLICY.KEY=V1,V2,... or KEY=V1,V2 (every policy that "
+        "takes KEY), e.g. adaptive.decay=0.5,0.8,0.95; each combination is a series of cells.",
+    ),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes (default: usable cores)."),
     executor: str = typer.Option(
         "processes", "--executor", help=f"Where the cells run: {EXECUTORS.help_names()}."
@@ -45,6 +41,8 @@ def sweep(
     plot: Path = typer.Option(None, "--plot", help="Also draw p99 latency vs HBM budget to FILE.png or FILE.svg."),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of tables."),
     force: bool = typer.Option(False, "--force", help="Replace an existing sweep result at --out."),
+    *,
+    options: ReplayOptions,
 ) -> None:
     """Replay every combination of profile, KV type, policy and HBM budget; write one Parquet row per cell."""
     from rich.progress import (
@@ -56,6 +54,7 @@ def sweep(
         TimeRemainingColumn,
     )
 
+    from llamatier.replay.options import parse_policy_params
     from llamatier.sweep import (
         SweepInterrupted,
         check_jobs,
@@ -66,7 +65,6 @@ def sweep(
         run_cells,
         write_results,
     )
-    from llamatier.units import parse_size_bytes
 
     check_out_path(out, overwrite=force)
     check_jobs(jobs)
@@ -75,11 +73,11 @@ def sweep(
         from llamatier.plots import check_plot_path
 
         check_plot_path(plot)
+    pols = [p.strip() for p in policies.split(",") if p.strip()]
+    params = parse_policy_params(policy_param, pols, lists=True) if policy_param else None
     cells = make_cells(
-        trace, policies=policies, budgets=parse_budgets(hbm_budget, steps=steps), profiles=profiles,
-        kv_types=kv_types, geometry=geometry, block_tokens=block_tokens, mode=mode, block_budget=block_budget,
-        dram_budget_bytes=parse_size_bytes(dram_budget, what="--dram-budget") if dram_budget else None,
-        static_mode=static_mode, dram_reads=dram_reads, prefetch=prefetch, swa_full=swa_full,
+        trace, policies=pols, budgets=parse_budgets(hbm_budget, steps=steps), profiles=profiles,
+        kv_types=kv_types, policy_params=params, options=options,
     )
     with Progress(
         TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),

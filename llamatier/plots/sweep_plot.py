@@ -18,6 +18,7 @@ from llamatier.plots.common import (
     policy_label,
     wants_log,
 )
+from llamatier.sweep.tables import with_series
 
 _NEEDED = ("policy", "profile", "kv_type", "hbm_budget_bytes", "hbm_budget_fraction", "p99_s", "runs")
 _GIB = 1024.0**3
@@ -41,12 +42,13 @@ def plot_sweep(results: pl.DataFrame, *, metric: str = "p99_s", title: str | Non
     if missing:
         raise LlamatierError(f"sweep results lack columns {missing}: re-run `llamatier sweep`")
     df = results.filter(pl.col("error").is_null()) if "error" in results.columns else results
+    df = with_series(df)  # a policy swept over parameter values: one line per combination
     if df.height == 0:
         raise LlamatierError("no sweep cell ran without an error: nothing to plot (see the error column)")
     as_pct = df["hbm_budget_fraction"].null_count() == 0
     profiles = _order(df["profile"].unique(maintain_order=True).to_list())
     kvs = _order(df["kv_type"].unique(maintain_order=True).to_list(), ("f16/f16", "q8_0/q8_0", "q4_0/q4_0"))
-    policies = _order(df["policy"].unique(maintain_order=True).to_list(), ("static", "lru", "adaptive", "oracle"))
+    policies = _order(df["series"].unique(maintain_order=True).to_list(), ("static", "lru", "adaptive", "oracle"))
     div, unit = (1.0, "%") if as_pct else bytes_unit(float(df["hbm_budget_bytes"].max() or 0))
 
     nr, nc = len(profiles), len(kvs)
@@ -60,7 +62,7 @@ def plot_sweep(results: pl.DataFrame, *, metric: str = "p99_s", title: str | Non
             cell = df.filter((pl.col("profile") == prof) & (pl.col("kv_type") == kv))
             ys_all: list[float] = []
             for k, pol in enumerate(policies):
-                d = cell.filter(pl.col("policy") == pol)
+                d = cell.filter(pl.col("series") == pol)
                 if d.height == 0:
                     continue
                 x = (d["hbm_budget_fraction"].to_numpy() * 100.0) if as_pct else d["hbm_budget_bytes"].to_numpy() / div

@@ -15,6 +15,7 @@ import numpy as np
 from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile
 from llamatier.kvtypes import KVType, kv_type, parse_kv_pair
+from llamatier.replay.budgets import BudgetPoint
 from llamatier.replay.options import ReplayOptions
 from llamatier.target import TargetModel, map_layers, target_from_model_info
 from llamatier.tiers import TIER_NAMES
@@ -100,6 +101,15 @@ class ReplayContext:
         keep_all = (w == 0) | self.options.swa_full
         return np.where(keep_all, self.n_ctx, np.minimum(self.n_ctx, swa_cells)).astype(np.int64)
 
+    def peak_kv_bytes(self) -> float:
+        """Most KV bytes the trace stores at once under this replay (alive blocks, all layers).
+
+        This is what "100%" means for an HBM budget given as a percentage: with
+        this much HBM every block a step keeps fits in HBM (llama.cpp's static
+        placement needs more: it reserves the whole n_ctx up front).
+        """
+        return _peak_kv_bytes(self.hi_block, self.lo_alive, self.block_bytes)
+
     def reserved_bytes_per_layer(self) -> np.ndarray:
         return self.reserved_tokens_per_layer() * self.bytes_per_token
 
@@ -110,6 +120,13 @@ class ReplayContext:
     def alive_mask(self, step: int) -> np.ndarray:
         b = np.arange(self.n_blocks)
         return (b[None, :] >= self.lo_alive[step][:, None]) & (b[None, :] < self.hi_block[step])
+
+
+def _peak_kv_bytes(hi_block: np.ndarray, lo_alive: np.ndarray, block_bytes: np.ndarray) -> float:
+    if hi_block.size == 0:
+        return 0.0
+    alive_blocks = hi_block[:, None] - lo_alive  # [S, L]
+    return float((alive_blocks * block_bytes[None, :]).sum(axis=1).max())
 
 
 def _trace_kv_types(trace: Trace) -> tuple[KVType, KVType]:
@@ -175,7 +192,7 @@ def prepare(trace: Trace, profile: Profile, options: ReplayOptions) -> ReplayCon
     weights = float(target.weight_bytes)
     if host_only:
         hbm = 0.0
-        if options.hbm_budget_bytes:
+        if options.hbm_budget_bytes or options.hbm_budget_fraction:
             notes.append("--hbm-budget ignored: this profile has no HBM (DRAM is its fastest tier)")
         dram_default = tier_caps[1] - weights
         if dram_default < 0 and options.dram_budget_bytes is None:
@@ -191,7 +208,11 @@ def prepare(trace: Trace, profile: Profile, options: ReplayOptions) -> ReplayCon
                 f"({format_bytes(tier_caps[0])}); partial weight offload is not modelled: choose a "
                 "profile with more HBM or a smaller --geometry"
             )
-        hbm = float(options.hbm_budget_bytes) if options.hbm_budget_bytes is not None else room
+        if options.hbm_budget_fraction is not None:  # of the peak KV, as a sweep's percentages
+            peak = _peak_kv_bytes(hi, lo_alive, (bpt * B).astype(np.float64))
+            hbm = float(BudgetPoint(fraction=options.hbm_budget_fraction).resolve_bytes(peak))
+        else:
+            hbm = float(options.hbm_budget_bytes) if options.hbm_budget_bytes is not None else room
         if hbm > room:
             notes.append(
                 f"HBM budget {format_bytes(hbm)} exceeds what is left beside the weights ({format_bytes(room)})"

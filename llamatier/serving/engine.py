@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llamatier.cost import StepCosts
 from llamatier.errors import LlamatierError
 from llamatier.hardware.hostmodel import BASE_TERMS
 from llamatier.serving.context import ServingContext
@@ -34,6 +35,7 @@ from llamatier.serving.policies.base import ServingPolicy
 from llamatier.serving.requests import DECODE, DONE, PREFILL, WAITING, Request
 from llamatier.serving.traffic import TrafficBuffer, TrafficCounter
 from llamatier.serving.ubatch import Segment, ubatch_counts
+from llamatier.tiers import N_LINKS, N_TIERS
 
 MAX_CHUNK_STEPS = 16
 CHUNK_SAFETY = 0.5
@@ -73,7 +75,7 @@ class _Chunk:
         self.dec_buf = TrafficBuffer.empty(k, n_layers) if measured else None
         self.has_decode = np.zeros(k, dtype=bool)
         self.measured_prefill_s = np.zeros(k)
-        self.occ = np.zeros((k, 4))
+        self.occ = np.zeros((k, N_TIERS))
         self.seqs = np.zeros(k, dtype=np.int64)
         self.decode = np.zeros(k, dtype=np.int64)
         self.first_rids: list[tuple[int, int]] = []
@@ -86,58 +88,90 @@ class _Chunk:
 
 def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: bool = False) -> ServeRecord:
     """Play ``plan`` on ``ctx`` under ``policy``; ``check`` verifies the policy's invariants every step."""
-    t_wall = time.perf_counter()
-    sv = ctx.spec.server
-    verdict = policy.start(ctx, plan)
-    model, cost_notes = ctx.cost_model(policy.dram_reads)
-    counter = TrafficCounter(ctx.bytes_per_token_layer, ctx.windows, ctx.kind_of_layer, ctx.block_tokens)
-    measured = sv.prefill_cost == "measured"
-    host_model = ctx.profile.compute.host_model if model.host_model_args is not None else None
-    layout = ctx.kv_layout()
-    if measured:  # measured prefill: each trace's own time, scaled by how the model's cost grows with context
-        def alone(c0: int, k: int, out: bool) -> float:
-            return _prefill_alone_s(ctx, model, counter, host_model, layout, c0, k, out)
-        prefill_scale = np.array([_measured_scale(t, sh.prefill_s, alone) for t, sh in zip(ctx.traces, ctx.shapes,
-                                                                                             strict=True)])
-    reqs = [
-        Request(i, int(plan.req_session[i]), int(plan.req_turn[i]), int(plan.req_trace[i]),
-                int(plan.req_history_tokens[i] + plan.req_new_tokens[i]), int(plan.req_decode_steps[i]))
-        for i in range(plan.n_requests)
-    ]
-    computed = np.zeros(plan.n_sessions, dtype=np.int64)  # tokens of each session's context ever computed
-    prefix_done = False
-    heap: list[tuple[float, int]] = []
-    for u in range(plan.n_users):
-        if plan.user_first[u] >= 0:
-            r = reqs[int(plan.user_first[u])]
-            r.arrival_s = float(plan.user_start_s[u])
-            heapq.heappush(heap, (r.arrival_s, r.rid))
-    waiting: deque[Request] = deque()
-    running: list[Request] = []
-    t = 0.0
-    n_done, step = 0, 0
-    est_step_s: float | None = None
-    late, late_s = 0, 0.0
-    out_steps: list[dict[str, np.ndarray]] = []
-    tok_rid: list[np.ndarray] = []
-    tok_step: list[np.ndarray] = []
-    R = plan.n_requests
+    return _Simulation(ctx, policy, plan, check).run()
 
-    while n_done < R:
-        while heap and heap[0][0] <= t:
-            r = reqs[heapq.heappop(heap)[1]]
-            waiting.append(r)
-            policy.arrived(r, t)
-        policy.tick(t)
-        policy.order_waiting(waiting)
-        while waiting and len(running) < sv.max_batch_seqs:
-            r = waiting[0]
-            known = max(int(computed[r.session]), plan.prefix_tokens if prefix_done else 0)
+
+class _Simulation:
+    """One serving run: arrivals, admission, batched steps (with preemption), costing in chunks."""
+
+    def __init__(self, ctx: ServingContext, policy: ServingPolicy, plan: Plan, check: bool) -> None:
+        self.t_wall = time.perf_counter()
+        self.ctx, self.policy, self.plan, self.check = ctx, policy, plan, check
+        self.sv = ctx.spec.server
+        self.verdict = policy.start(ctx, plan)
+        self.model, self.cost_notes = ctx.cost_model(policy.dram_reads)
+        self.counter = TrafficCounter(ctx.bytes_per_token_layer, ctx.windows, ctx.kind_of_layer, ctx.block_tokens)
+        self.measured = self.sv.prefill_cost == "measured"
+        self.host_model = ctx.profile.compute.host_model if self.model.host_model_args is not None else None
+        self.layout = ctx.kv_layout()
+        if self.measured:  # measured prefill: each trace's own time, scaled by how the model's cost grows with context
+            self.prefill_scale = np.array([_measured_scale(t, sh.prefill_s, self._prefill_alone_s)
+                                           for t, sh in zip(ctx.traces, ctx.shapes, strict=True)])
+        self.reqs = [
+            Request(i, int(plan.req_session[i]), int(plan.req_turn[i]), int(plan.req_trace[i]),
+                    int(plan.req_history_tokens[i] + plan.req_new_tokens[i]), int(plan.req_decode_steps[i]))
+            for i in range(plan.n_requests)
+        ]
+        self.computed = np.zeros(plan.n_sessions, dtype=np.int64)  # tokens of each session's context ever computed
+        self.prefix_done = False
+        self.heap: list[tuple[float, int]] = []  # (arrival time, request) of requests known to come
+        for u in range(plan.n_users):
+            if plan.user_first[u] >= 0:
+                r = self.reqs[int(plan.user_first[u])]
+                r.arrival_s = float(plan.user_start_s[u])
+                heapq.heappush(self.heap, (r.arrival_s, r.rid))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.t = 0.0
+        self.n_done, self.step = 0, 0
+        self.est_step_s: float | None = None  # slowest step of the last chunk
+        self.late, self.late_s = 0, 0.0
+        self.out_steps: list[dict[str, np.ndarray]] = []
+        self.tok_rid: list[np.ndarray] = []
+        self.tok_step: list[np.ndarray] = []
+
+    def _prefill_alone_s(self, c0: int, k: int, out: bool) -> float:
+        return _prefill_alone_s(self.ctx, self.model, self.counter, self.host_model, self.layout, c0, k, out)
+
+    def run(self) -> ServeRecord:
+        while self.n_done < self.plan.n_requests:
+            self._arrivals()
+            self.policy.tick(self.t)
+            self.policy.order_waiting(self.waiting)
+            self._admit()
+            if not self.running:
+                if self.heap:
+                    self.t = max(self.t, self.heap[0][0])
+                    continue
+                raise LlamatierError(
+                    f"policy {self.policy.name!r} admits none of {len(self.waiting)} waiting requests with nothing "
+                    "running: a bug in the policy (or a request larger than every tier)"
+                )
+            k_max = self._chunk_steps()
+            ch = _Chunk(k_max, self.ctx.n_layers, self.measured)
+            rows = self._run_chunk(ch, k_max)
+            if rows:
+                self._cost_chunk(ch, rows)
+        return self._record()
+
+    # -- arrivals and admission -------------------------------------------------------------
+    def _arrivals(self) -> None:
+        """Requests due by now join the waiting queue."""
+        while self.heap and self.heap[0][0] <= self.t:
+            r = self.reqs[heapq.heappop(self.heap)[1]]
+            self.waiting.append(r)
+            self.policy.arrived(r, self.t)
+
+    def _admit(self) -> None:
+        """Admit waiting requests in order while the policy takes them and the batch has room."""
+        while self.waiting and len(self.running) < self.sv.max_batch_seqs:
+            r = self.waiting[0]
+            known = max(int(self.computed[r.session]), self.plan.prefix_tokens if self.prefix_done else 0)
             r.known_tokens = min(known, r.prompt_tokens)
-            got = policy.admit(r, t)
+            got = self.policy.admit(r, self.t)
             if got is None:
                 break
-            waiting.popleft()
+            self.waiting.popleft()
             got = int(got)
             r.reused_tokens += got
             r.known_total += r.known_tokens
@@ -146,117 +180,138 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
             r.prefill_left = r.prompt_tokens - got
             r.phase = PREFILL
             r.admissions += 1
-            sid = policy.seq_id(r)
+            sid = self.policy.seq_id(r)
             r.slot = -1 if sid is None else int(sid)
             if r.admit_step < 0:
-                r.admit_step = step
-            running.append(r)
-        if not running:
-            if heap:
-                t = max(t, heap[0][0])
-                continue
-            raise LlamatierError(
-                f"policy {policy.name!r} admits none of {len(waiting)} waiting requests with nothing running: "
-                "a bug in the policy (or a request larger than every tier)"
-            )
-        if heap and est_step_s:
-            k_max = int(np.clip(CHUNK_SAFETY * (heap[0][0] - t) / est_step_s, 1, MAX_CHUNK_STEPS))
+                r.admit_step = self.step
+            self.running.append(r)
+
+    def _chunk_steps(self) -> int:
+        """Steps to run before costing: end before the next known arrival is likely due."""
+        heap, est = self.heap, self.est_step_s
+        if heap and est:
+            k_max = int(np.clip(CHUNK_SAFETY * (heap[0][0] - self.t) / est, 1, MAX_CHUNK_STEPS))
         elif heap:
             k_max = 1
         else:
             k_max = MAX_CHUNK_STEPS
-        if heap and any(r.phase == PREFILL for r in running):
+        if heap and any(r.phase == PREFILL for r in self.running):
             k_max = 1  # a prefill step can be far slower than the last chunk's: cost it before going on
-        ch = _Chunk(k_max, ctx.n_layers, measured)
+        return k_max
+
+    # -- batched steps ----------------------------------------------------------------------
+    def _run_chunk(self, ch: _Chunk, k_max: int) -> int:
+        """Run up to ``k_max`` steps, recording their traffic in ``ch``; returns the steps run."""
         rows = 0
         for _ in range(k_max):
-            batch, n = policy.form_batch(running, sv.max_batch_tokens)
+            batch, n = self.policy.form_batch(self.running, self.sv.max_batch_tokens)
             if not batch:
                 break
-            preempted = policy.make_room(batch, n)
+            preempted = self.policy.make_room(batch, n)
             if preempted:
-                gone = {v.rid for v in preempted}
-                for v in preempted:
-                    running.remove(v)
-                    computed[v.session] = max(computed[v.session], v.ctx)
-                    if v.first_token_step >= 0:  # its prompt and the tokens generated so far are restored
-                        v.prompt_tokens = v.ctx
-                    v.phase, v.preemptions = WAITING, v.preemptions + 1
-                    v.ctx = 0
-                    waiting.appendleft(v)
-                keep = [i for i, r in enumerate(batch) if r.rid not in gone]
-                batch, n = [batch[i] for i in keep], n[keep]
+                batch, n = self._preempt(preempted, batch, n)
                 if not batch:
                     break
             c = np.fromiter((r.ctx for r in batch), dtype=np.int64, count=len(batch))
             is_dec = np.fromiter((r.phase == DECODE for r in batch), dtype=bool, count=len(batch))
-            if host_model is not None:  # measured prefill: the host model prices the decode part only
-                part = is_dec if measured else np.ones(len(batch), dtype=bool)
-                _host_counts(ch, rows, policy, layout, [r for r, p in zip(batch, part, strict=True) if p],
-                             c[part], n[part])
-            seg_end, seg_tier = policy.layout(batch, c, n)
-            counter.fill(ch.buf, rows, c, n, seg_end, seg_tier)
-            mb, mc = policy.take_moves()
-            ch.buf.move_bytes[rows], ch.buf.move_count[rows] = mb, mc
-            if measured:
-                ch.has_decode[rows] = bool(is_dec.any())
-                if is_dec.any():
-                    counter.fill(ch.dec_buf, rows, c[is_dec], n[is_dec], seg_end[is_dec], seg_tier[is_dec])
-                ch.dec_buf.move_bytes[rows], ch.dec_buf.move_count[rows] = mb, mc
-                ch.measured_prefill_s[rows] = sum(
-                    prefill_scale[r.trace] * alone(int(ci), int(ni), ni == r.prefill_left)
-                    for r, ci, ni, d in zip(batch, c, n, is_dec, strict=True) if not d
-                )
-            ch.occ[rows] = policy.occupancy_bytes()
-            ch.seqs[rows] = len(batch)
-            ch.decode[rows] = int(is_dec.sum())
-            if is_dec.any():
-                ch.token_rids.append(np.fromiter((r.rid for r, d in zip(batch, is_dec, strict=True) if d), dtype=np.int64))
-                ch.token_rows.append(np.full(int(is_dec.sum()), rows, dtype=np.int64))
-            finished: list[Request] = []
-            for r, nn, d in zip(batch, n.tolist(), is_dec.tolist(), strict=True):
-                r.ctx += nn
-                if d:
-                    r.decode_left -= 1
-                    if r.decode_left == 0:
-                        finished.append(r)
-                else:
-                    r.prefill_left -= nn
-                    if r.prefill_left == 0:
-                        if r.first_token_step < 0:
-                            r.first_token_step = step
-                        r.phase = DECODE
-                        if r.decode_left == 0:
-                            finished.append(r)
-            if not prefix_done and plan.prefix_tokens and bool((c + n >= plan.prefix_tokens).any()):
-                prefix_done = True
-            policy.commit(batch, c, n)
+            self._record_step(ch, rows, batch, c, n, is_dec)
+            finished = self._advance(batch, c, n, is_dec)
             for r in finished:
-                r.phase, r.finish_step = DONE, step
-                running.remove(r)
-                computed[r.session] = max(computed[r.session], r.ctx)
-                policy.release(r)
-                n_done += 1
                 ch.finished.append((r, rows))
-            if check:
-                policy.check()
-                _check_capacity(ctx, policy, ch.occ[rows], step)
-            step += 1
+            if self.check:
+                self.policy.check()
+                _check_capacity(self.ctx, self.policy, ch.occ[rows], self.step)
+            self.step += 1
             rows += 1
-            if preempted or (finished and waiting) or not running:
+            if preempted or (finished and self.waiting) or not self.running:
                 break
-            if finished and est_step_s is not None and any(
-                _next_think(plan, r) is not None and _next_think(plan, r) < est_step_s * (k_max - rows) for r in finished
+            est = self.est_step_s
+            if finished and est is not None and any(
+                _next_think(self.plan, r) is not None and _next_think(self.plan, r) < est * (k_max - rows)
+                for r in finished
             ):
                 break
-        if rows == 0:
-            continue
-        # -- cost the chunk ---------------------------------------------------------------
+        return rows
+
+    def _preempt(self, preempted: list[Request], batch: list[Request], n: np.ndarray) -> tuple[list[Request], np.ndarray]:
+        """Preempted requests go back to the head of the queue; the rest of the batch runs."""
+        gone = {v.rid for v in preempted}
+        for v in preempted:
+            self.running.remove(v)
+            self.computed[v.session] = max(self.computed[v.session], v.ctx)
+            if v.first_token_step >= 0:  # its prompt and the tokens generated so far are restored
+                v.prompt_tokens = v.ctx
+            v.phase, v.preemptions = WAITING, v.preemptions + 1
+            v.ctx = 0
+            self.waiting.appendleft(v)
+        keep = [i for i, r in enumerate(batch) if r.rid not in gone]
+        return [batch[i] for i in keep], n[keep]
+
+    def _record_step(self, ch: _Chunk, row: int, batch: list[Request], c: np.ndarray, n: np.ndarray,
+                     is_dec: np.ndarray) -> None:
+        """The step's work into ``ch``: host-model counts, reads, writes and copies, measured prefill."""
+        if self.host_model is not None:  # measured prefill: the host model prices the decode part only
+            part = is_dec if self.measured else np.ones(len(batch), dtype=bool)
+            _host_counts(ch, row, self.policy, self.layout, [r for r, p in zip(batch, part, strict=True) if p],
+                         c[part], n[part])
+        seg_end, seg_tier = self.policy.layout(batch, c, n)
+        self.counter.fill(ch.buf, row, c, n, seg_end, seg_tier)
+        mb, mc = self.policy.take_moves()
+        ch.buf.move_bytes[row], ch.buf.move_count[row] = mb, mc
+        if self.measured:
+            ch.has_decode[row] = bool(is_dec.any())
+            if is_dec.any():
+                self.counter.fill(ch.dec_buf, row, c[is_dec], n[is_dec], seg_end[is_dec], seg_tier[is_dec])
+            ch.dec_buf.move_bytes[row], ch.dec_buf.move_count[row] = mb, mc
+            ch.measured_prefill_s[row] = sum(
+                self.prefill_scale[r.trace] * self._prefill_alone_s(int(ci), int(ni), ni == r.prefill_left)
+                for r, ci, ni, d in zip(batch, c, n, is_dec, strict=True) if not d
+            )
+        ch.occ[row] = self.policy.occupancy_bytes()
+        ch.seqs[row] = len(batch)
+        ch.decode[row] = int(is_dec.sum())
+        if is_dec.any():
+            ch.token_rids.append(np.fromiter((r.rid for r, d in zip(batch, is_dec, strict=True) if d), dtype=np.int64))
+            ch.token_rows.append(np.full(int(is_dec.sum()), row, dtype=np.int64))
+
+    def _advance(self, batch: list[Request], c: np.ndarray, n: np.ndarray, is_dec: np.ndarray) -> list[Request]:
+        """Requests move on by the step's tokens; returns those that finished (released to the policy)."""
+        finished: list[Request] = []
+        for r, nn, d in zip(batch, n.tolist(), is_dec.tolist(), strict=True):
+            r.ctx += nn
+            if d:
+                r.decode_left -= 1
+                if r.decode_left == 0:
+                    finished.append(r)
+            else:
+                r.prefill_left -= nn
+                if r.prefill_left == 0:
+                    if r.first_token_step < 0:
+                        r.first_token_step = self.step
+                    r.phase = DECODE
+                    if r.decode_left == 0:
+                        finished.append(r)
+        plan = self.plan
+        if not self.prefix_done and plan.prefix_tokens and bool((c + n >= plan.prefix_tokens).any()):
+            self.prefix_done = True
+        self.policy.commit(batch, c, n)
+        for r in finished:
+            r.phase, r.finish_step = DONE, self.step
+            self.running.remove(r)
+            self.computed[r.session] = max(self.computed[r.session], r.ctx)
+            self.policy.release(r)
+            self.n_done += 1
+        return finished
+
+    # -- costing ----------------------------------------------------------------------------
+    def _step_times(self, ch: _Chunk, rows: int) -> tuple[np.ndarray, StepCosts]:
+        """The chunk's step times (and the cost model's split): traffic costs, the host model, measured prefill."""
+        model, host_model = self.model, self.host_model
         costs = model.evaluate(ch.buf.traffic(rows))
         step_s = costs.step_s
         host_s = None
         if host_model is not None:  # the host model per ubatch, each sequence with its own cells
-            dram = ctx.profile.tier("dram")
+            dram = self.ctx.profile.tier("dram")
             counts = dict(zip(BASE_TERMS, ch.host_counts[:rows].T, strict=True))
             copy_term = "copy_bytes" in host_model.terms  # else: a plain copy at DRAM bandwidth
             if copy_term:
@@ -264,62 +319,71 @@ def simulate(ctx: ServingContext, policy: ServingPolicy, plan: Plan, *, check: b
             host_s = host_model.predict_counts_s(counts, **_host_types(model.host_model_args)) + (
                 0.0 if copy_term else ch.host_copy_bytes[:rows] * (1.0 / dram.read_bytes_per_s + 1.0 / dram.write_bytes_per_s)
             )
-        if measured:
+        if self.measured:
             dc = model.evaluate(ch.dec_buf.traffic(rows))
             dec_s = dc.step_s if host_s is None else dc.step_s - dc.compute_s + host_s
             step_s = np.where(ch.has_decode[:rows], dec_s, 0.0) + ch.measured_prefill_s[:rows]
         elif host_s is not None:
             step_s = step_s - costs.compute_s + host_s
+        return step_s, costs
+
+    def _cost_chunk(self, ch: _Chunk, rows: int) -> None:
+        """Costs the chunk's steps, schedules the next turns of finished requests, counts late admissions."""
+        t, plan = self.t, self.plan
+        step_s, costs = self._step_times(ch, rows)
         starts = t + np.concatenate([[0.0], np.cumsum(step_s)[:-1]])
         ends = starts + step_s
-        first_step = step - rows
+        first_step = self.step - rows
         for r, row in ch.finished:
             nxt = int(plan.req_next[r.rid])
             if nxt >= 0:
-                reqs[nxt].arrival_s = float(ends[row] + plan.req_think_s[nxt])
-                heapq.heappush(heap, (reqs[nxt].arrival_s, nxt))
-        if heap and heap[0][0] < starts[-1]:
-            for ta, _ in sorted(heap):
+                self.reqs[nxt].arrival_s = float(ends[row] + plan.req_think_s[nxt])
+                heapq.heappush(self.heap, (self.reqs[nxt].arrival_s, nxt))
+        if self.heap and self.heap[0][0] < starts[-1]:
+            for ta, _ in sorted(self.heap):
                 if ta >= starts[-1]:
                     break
                 first_ok = starts[np.searchsorted(starts, ta)] if ta > t else t
-                late += 1
-                late_s += float(ends[-1] - first_ok)
-        out_steps.append({
+                self.late += 1
+                self.late_s += float(ends[-1] - first_ok)
+        self.out_steps.append({
             "start": starts, "step": step_s, "seqs": ch.seqs[:rows].copy(), "tokens": ch.buf.n_tokens[:rows].copy(),
             "decode": ch.decode[:rows].copy(), "occ": ch.occ[:rows].copy(), "link": costs.link_bytes,
             "compute": costs.compute_s, "hbm": costs.hbm_s, "host_attention": costs.host_attention_s,
             "link_s": costs.link_s, "host_layers": costs.host_layers_s, "energy": costs.energy_j,
         })
         if ch.token_rids:
-            tok_rid.append(np.concatenate(ch.token_rids))
-            tok_step.append(np.concatenate(ch.token_rows) + first_step)
-        t = float(ends[-1])
-        est_step_s = float(step_s.max())
-        policy.observe(step_s, ch.seqs[:rows])
+            self.tok_rid.append(np.concatenate(ch.token_rids))
+            self.tok_step.append(np.concatenate(ch.token_rows) + first_step)
+        self.t = float(ends[-1])
+        self.est_step_s = float(step_s.max())
+        self.policy.observe(step_s, ch.seqs[:rows])
 
-    def cat(key: str, shape: tuple[int, ...] = ()) -> np.ndarray:
-        return np.concatenate([o[key] for o in out_steps]) if out_steps else np.zeros((0, *shape))
+    def _record(self) -> ServeRecord:
+        out = self.out_steps
 
-    return ServeRecord(
-        requests=reqs,
-        step_start_s=cat("start"),
-        step_s=cat("step"),
-        step_seqs=cat("seqs").astype(np.int64),
-        step_tokens=cat("tokens").astype(np.int64),
-        step_decode=cat("decode").astype(np.int64),
-        occupancy_bytes=cat("occ", (4,)),
-        link_bytes=cat("link", (3, 2)),
-        time_split_s={k: cat(k) for k in ("compute", "hbm", "host_attention", "link_s", "host_layers")},
-        energy_j=cat("energy"),
-        token_rid=np.concatenate(tok_rid) if tok_rid else np.zeros(0, dtype=np.int64),
-        token_step=np.concatenate(tok_step) if tok_step else np.zeros(0, dtype=np.int64),
-        late_admissions=late,
-        late_admission_s=late_s,
-        policy_verdict=verdict,
-        notes=tuple(ctx.notes) + tuple(cost_notes),
-        wall_s=time.perf_counter() - t_wall,
-    )
+        def cat(key: str, shape: tuple[int, ...] = ()) -> np.ndarray:
+            return np.concatenate([o[key] for o in out]) if out else np.zeros((0, *shape))
+
+        return ServeRecord(
+            requests=self.reqs,
+            step_start_s=cat("start"),
+            step_s=cat("step"),
+            step_seqs=cat("seqs").astype(np.int64),
+            step_tokens=cat("tokens").astype(np.int64),
+            step_decode=cat("decode").astype(np.int64),
+            occupancy_bytes=cat("occ", (N_TIERS,)),
+            link_bytes=cat("link", (N_LINKS, 2)),
+            time_split_s={k: cat(k) for k in ("compute", "hbm", "host_attention", "link_s", "host_layers")},
+            energy_j=cat("energy"),
+            token_rid=np.concatenate(self.tok_rid) if self.tok_rid else np.zeros(0, dtype=np.int64),
+            token_step=np.concatenate(self.tok_step) if self.tok_step else np.zeros(0, dtype=np.int64),
+            late_admissions=self.late,
+            late_admission_s=self.late_s,
+            policy_verdict=self.verdict,
+            notes=tuple(self.ctx.notes) + tuple(self.cost_notes),
+            wall_s=time.perf_counter() - self.t_wall,
+        )
 
 
 def _next_think(plan: Plan, r: Request) -> float | None:

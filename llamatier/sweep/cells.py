@@ -10,7 +10,7 @@ cluster later) can run cells and get the same rows.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -19,47 +19,29 @@ import polars as pl
 
 from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile, load_profile
-from llamatier.sweep.budgets import BudgetPoint
+from llamatier.replay.budgets import BudgetPoint
+from llamatier.replay.options import ReplayOptions, params_label
 from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.trace import Trace, load_trace
 
 
 @dataclass(frozen=True)
 class SweepCell:
-    """Every input of one replay in a sweep (plain values only: picklable, hashable)."""
+    """Every input of one replay in a sweep: picklable and hashable.
+
+    ``options`` holds every replay option but the HBM budget, which is
+    ``hbm_budget`` (a percentage resolves against this cell's own peak KV).
+    """
 
     trace_path: str
     profile: str  # profile name or TOML path
     policy: str
     hbm_budget: BudgetPoint = field(default_factory=BudgetPoint)
-    kv_type: str | None = None  # "q8_0" or "q8_0/f16"; None: the trace's own types
-    dram_budget_bytes: int | None = None  # None: the profile's DRAM
-    geometry: str | None = None  # preset name or GGUF path (what-if); None: the traced model
-    block_tokens: int | None = None
-    mode: str = "lossless"
-    block_budget: int | None = None
-    static_mode: str = "nkvo"
-    dram_reads: str = "auto"
-    prefetch: bool = False
-    swa_full: bool = False
+    options: ReplayOptions = field(default_factory=ReplayOptions)
 
-    def options(self, hbm_budget_bytes: int | None = None) -> Any:
-        """The ReplayOptions of this cell, with the HBM budget given in bytes (None: the profile's)."""
-        from llamatier.replay import ReplayOptions
-
-        return ReplayOptions(
-            mode=self.mode,
-            block_budget=self.block_budget,
-            hbm_budget_bytes=hbm_budget_bytes,
-            dram_budget_bytes=self.dram_budget_bytes,
-            kv_type=self.kv_type,
-            target=_geometry(self.geometry) if self.geometry else None,
-            block_tokens=self.block_tokens,
-            static_mode=self.static_mode,
-            dram_reads=self.dram_reads,
-            prefetch=self.prefetch,
-            swa_full=self.swa_full,
-        )
+    def replay_options(self, hbm_budget_bytes: int | None = None) -> ReplayOptions:
+        """This cell's options with the HBM budget given in bytes (None: the profile's)."""
+        return replace(self.options, hbm_budget_bytes=hbm_budget_bytes, hbm_budget_fraction=None)
 
 
 # -- per-process caches (a worker loads each trace/profile once) ----------------------------
@@ -83,14 +65,8 @@ def _geometry(name: str) -> Any:
 
 
 def peak_kv_bytes(ctx: Any) -> float:
-    """Most KV bytes the trace stores at once under a replay context (alive blocks, all layers).
-
-    This is what "100%" means on a sweep's budget axis: with this much HBM
-    every block a step keeps fits in HBM (llama.cpp's static placement needs
-    more: it reserves the whole n_ctx up front).
-    """
-    alive_blocks = ctx.hi_block[:, None] - ctx.lo_alive  # [S, L]
-    return float((alive_blocks * ctx.block_bytes[None, :]).sum(axis=1).max()) if ctx.n_steps else 0.0
+    """Most KV bytes the trace stores at once under a replay context: the 100% of a sweep's budget axis."""
+    return ctx.peak_kv_bytes()
 
 
 # -- the row: a fixed, typed set of columns --------------------------------------------------
@@ -137,6 +113,7 @@ _INPUTS: list[tuple[str, Any]] = [
     ("traced_model", _S),
     ("profile", _S),
     ("policy", _S),
+    ("policy_params", _S),  # the cell's --policy-param values ("decay=0.5"), None: the policy's defaults
     ("kv_type", _S),
     ("geometry", _S),
     ("block_tokens", _I),
@@ -202,19 +179,21 @@ def run_cell(cell: SweepCell) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {name: None for name in ROW_SCHEMA if name != "cell"}
+    o = cell.options
     row.update(
         trace=cell.trace_path,
         profile=cell.profile,
         policy=cell.policy,
-        kv_type=cell.kv_type,
-        geometry=cell.geometry,
-        block_tokens=cell.block_tokens,
-        mode=cell.mode,
-        block_budget=cell.block_budget,
-        static_mode=cell.static_mode,
-        dram_reads=cell.dram_reads,
-        prefetch=cell.prefetch,
-        swa_full=cell.swa_full,
+        policy_params=params_label(o.policy_params.get(cell.policy)),
+        kv_type=o.kv_type,
+        geometry=o.target.source if o.target is not None else None,
+        block_tokens=o.block_tokens,
+        mode=o.mode,
+        block_budget=o.block_budget,
+        static_mode=o.static_mode,
+        dram_reads=o.dram_reads,
+        prefetch=o.prefetch,
+        swa_full=o.swa_full,
         hbm_budget=cell.hbm_budget.label,
         hbm_budget_fraction=cell.hbm_budget.fraction,
         runs=False,
@@ -223,14 +202,14 @@ def run_cell(cell: SweepCell) -> dict[str, Any]:
         trace = _trace(cell.trace_path)
         row["traced_model"] = trace.model.name
         profile = _profile(cell.profile)
-        ctx = prepare(trace, profile, cell.options(None))
+        ctx = prepare(trace, profile, cell.replay_options(None))
         row["kv_type"] = f"{ctx.type_k.name}/{ctx.type_v.name}"
         row["block_tokens"] = ctx.block_tokens
         kv_peak = peak_kv_bytes(ctx)
         row["kv_peak_bytes"] = kv_peak
         row["kv_n_ctx_bytes"] = float(ctx.reserved_bytes_per_layer().sum())
         hbm = cell.hbm_budget.resolve_bytes(kv_peak)
-        result = replay(trace, profile, cell.policy, cell.options(hbm))
+        result = replay(trace, profile, cell.policy, cell.replay_options(hbm))
         row.update(summary_row(result.summary()))
         row["hbm_budget_bytes"] = row["budget_hbm_bytes"]
     except LlamatierError as exc:

@@ -72,12 +72,8 @@ class FuturesExecutor(SweepExecutor):
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         futures = {self.executor.submit(fn, item): i for i, item in enumerate(items)}
-        try:
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
-        finally:
-            for fut in futures:
-                fut.cancel()
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
 
 
 @EXECUTORS.register

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import polars as pl
 from llamatier.errors import LlamatierError
 from llamatier.outpaths import check_output_file
 from llamatier.registry import EXECUTORS
-from llamatier.sweep.budgets import BudgetPoint
+from llamatier.replay import DEFAULT_POLICIES
+from llamatier.replay.budgets import BudgetPoint
+from llamatier.replay.options import ReplayOptions, policy_param_grid
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, _geometry, _profile, _trace, run_cell
 from llamatier.sweep.executors import FuturesExecutor, SweepExecutor
 
@@ -31,27 +34,25 @@ def _split(values: str | Sequence[str] | None) -> list[str | None]:
 def make_cells(
     trace_path: str | Path,
     *,
-    policies: str | Sequence[str] = ("static", "lru", "adaptive", "oracle"),
+    policies: str | Sequence[str] = DEFAULT_POLICIES,
     budgets: Sequence[BudgetPoint] = (BudgetPoint(),),
     profiles: str | Sequence[str] = ("a100-40g",),
     kv_types: str | Sequence[str] | None = None,
-    dram_budget_bytes: int | None = None,
-    geometry: str | None = None,
-    block_tokens: int | None = None,
-    mode: str = "lossless",
-    block_budget: int | None = None,
-    static_mode: str = "nkvo",
-    dram_reads: str = "auto",
-    prefetch: bool = False,
-    swa_full: bool = False,
+    policy_params: dict[str, dict[str, Sequence[Any]]] | None = None,
+    options: ReplayOptions | None = None,
+    **option_fields: Any,
 ) -> list[SweepCell]:
-    """Every combination of profile x KV type x policy x budget, validated before anything runs.
+    """Every combination of profile x KV type x policy (x its parameter values) x budget, validated first.
 
-    Bad names (policy, profile, KV type, geometry) and bad options raise one
-    LlamatierError here, in the calling process, not in a worker.
+    ``options`` (or ReplayOptions fields as keywords; ``geometry=NAME`` for a
+    what-if target) apply to every cell; ``policy_params`` gives, per policy,
+    the values of each constructor parameter to sweep (``{"adaptive":
+    {"decay": [0.5, 0.9]}}``). Bad names (policy, profile, KV type, geometry)
+    and bad options raise one LlamatierError here, in the calling process,
+    not in a worker.
     """
     from llamatier.kvtypes import parse_kv_pair
-    from llamatier.policies import get_policy
+    from llamatier.registry import POLICIES
 
     path = str(Path(trace_path))
     trace = _trace(path)  # a missing or corrupt trace fails here, once
@@ -66,38 +67,37 @@ def make_cells(
         raise LlamatierError("no HBM budgets given: e.g. --hbm-budget 10%..100%")
     if kv_types is not None and kvs == [None]:
         raise LlamatierError("no KV types given: e.g. --kv-types f16,q8_0,q4_0/f16 (or leave it out for the trace's)")
-    for p in pols:
-        get_policy(p)
+    pols = list(dict.fromkeys(POLICIES.canonical(p) for p in pols))
     for p in profs:
         _profile(p)
     for k in kvs:
         if k is not None:
             parse_kv_pair(k)
+    geometry = option_fields.pop("geometry", None)
     if geometry:
-        _geometry(geometry)
+        option_fields["target"] = _geometry(geometry)
+    base = replace(options or ReplayOptions(), **option_fields)  # option errors (mode, block budget, ...) surface here
+    grids = {p: policy_param_grid(dict((policy_params or {}).get(p, {}))) for p in pols}
+    for p in policy_params or {}:
+        if POLICIES.canonical(p) not in pols:
+            raise LlamatierError(f"parameters given for policy {p!r}, which the sweep does not run ({', '.join(pols)})")
     cells = [
-        SweepCell(
-            trace_path=path,
-            profile=prof,
-            policy=pol.lower(),
-            hbm_budget=b,
-            kv_type=kv,
-            dram_budget_bytes=dram_budget_bytes,
-            geometry=geometry or None,
-            block_tokens=block_tokens,
-            mode=mode,
-            block_budget=block_budget,
-            static_mode=static_mode,
-            dram_reads=dram_reads,
-            prefetch=prefetch,
-            swa_full=swa_full,
-        )
-        for prof, kv, pol, b in itertools.product(profs, kvs, pols, budgets)
+        SweepCell(trace_path=path, profile=prof, policy=pol, hbm_budget=b, options=_cell_options(base, kv, pol, combo))
+        for prof, kv, pol in itertools.product(profs, kvs, pols)
+        for combo in grids[pol]
+        for b in budgets
     ]
-    cells[0].options(None)  # option errors (mode, block budget, ...) surface here
-    if block_tokens is not None:
-        trace.with_block_tokens(int(block_tokens))  # not a multiple of the trace's blocks: fail here, once
+    if base.block_tokens is not None:
+        trace.with_block_tokens(int(base.block_tokens))  # not a multiple of the trace's blocks: fail here, once
     return cells
+
+
+def _cell_options(base: ReplayOptions, kv: str | None, policy: str, params: dict[str, Any]) -> ReplayOptions:
+    opts = replace(base, kv_type=kv) if kv is not None else base
+    if params:
+        merged = {**opts.policy_params, policy: {**opts.policy_params.get(policy, {}), **params}}
+        opts = replace(opts, policy_params=merged)
+    return opts
 
 
 class SweepInterrupted(LlamatierError):

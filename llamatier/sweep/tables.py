@@ -9,14 +9,29 @@ import polars as pl
 _POLICY_ORDER = ("static", "lru", "adaptive", "oracle")
 
 
+def with_series(results: pl.DataFrame) -> pl.DataFrame:
+    """The rows with a ``series`` column: the policy, with its swept parameters when it has some."""
+    if "policy_params" not in results.columns:
+        return results.with_columns(pl.col("policy").alias("series"))
+    return results.with_columns(
+        pl.when(pl.col("policy_params").is_null())
+        .then(pl.col("policy"))
+        .otherwise(pl.concat_str([pl.col("policy"), pl.lit(" ("), pl.col("policy_params"), pl.lit(")")]))
+        .alias("series")
+    )
+
+
 def facet_tables(results: pl.DataFrame, *, metric: str = "p99_s") -> list[dict[str, Any]]:
     """Per (profile, KV type): ``policies`` and ``rows`` of (budget label, budget bytes, one cell per policy).
+
+    A policy swept over parameter values is one column per combination ("adaptive (decay=0.5)").
 
     A cell is the metric's value (seconds), ``"does not run"``, ``"error"``, or
     None when the sweep had no such cell.
     """
     out: list[dict[str, Any]] = []
-    pols = results["policy"].unique(maintain_order=True).to_list()
+    results = with_series(results)
+    pols = results["series"].unique(maintain_order=True).to_list()
     pols = [p for p in _POLICY_ORDER if p in pols] + [p for p in pols if p not in _POLICY_ORDER]
     for (prof, kv), g in results.group_by(["profile", "kv_type"], maintain_order=True):
         budgets = (
@@ -29,7 +44,7 @@ def facet_tables(results: pl.DataFrame, *, metric: str = "p99_s") -> list[dict[s
         for label, _frac, nbytes in budgets.iter_rows():
             cells: list[Any] = []
             for p in pols:
-                d = g.filter((pl.col("policy") == p) & (pl.col("hbm_budget") == label))
+                d = g.filter((pl.col("series") == p) & (pl.col("hbm_budget") == label))
                 if d.height == 0:
                     cells.append(None)
                 elif d["error"][0] is not None:
