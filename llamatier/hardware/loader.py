@@ -16,6 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, create_model, model_validator
 
 from llamatier.errors import LlamatierError, ProfileError
+from llamatier.hardware.gpumodel import (
+    GPU_MODEL_KEYS,
+    GPU_TERMS,
+    GpuStepModel,
+    KernelPaths,
+    coef_from_toml,
+)
 from llamatier.hardware.hostmodel import HostComputeModel, parse_term
 from llamatier.hardware.profile import COMPUTE_DEVICES, Compute, Link, Profile, Tier
 from llamatier.kvtypes import KV_TYPES
@@ -30,7 +37,7 @@ class FieldSpec:
     """How one TOML key maps to a dataclass field: kind and scale to SI (derived from the schema)."""
 
     attr: str
-    kind: str  # "size", "float", "int", "str", "str_list", "float_list", "int_list"
+    kind: str  # "size", "float", "int", "bool", "str", "str_list", "bool_list", "float_list", "int_list"
     scale: float = 1.0
     required: bool = True
 
@@ -106,6 +113,9 @@ class HostModelToml(Strict):
     v_types: list[str] | None = _to("v_types", kind="str_list", default=None)
     thread_counts: list[Annotated[int, Field(ge=1, le=1 << 16)]] | None = _to("thread_counts", kind="int_list", default=None)
     n_ubatch: Annotated[int, Field(ge=0, le=1 << 31)] | None = _to("n_ubatch", kind="int", default=None)
+    flash_attn: list[bool] | None = _to("flash_attn", kind="bool_list", default=None)
+    swa_layer_fraction: Annotated[float, Field(ge=0, le=1)] | None = _to("swa_layer_fraction", default=None)
+    swa_window: Annotated[int, Field(ge=0, le=1 << 24)] | None = _to("swa_window", kind="int", default=None)
     model_name: str | None = _to("model_name", kind="str", default=None)
     model_weight_bytes: Annotated[int, Field(ge=0, le=MAX_BYTES)] | None = _to("model_weight_bytes", kind="int", default=None)
     fit_steps: Annotated[int, Field(ge=0)] | None = _to("fit_steps", kind="int", default=None)
@@ -133,6 +143,52 @@ class HostModelToml(Strict):
         return self
 
 
+Factor = Annotated[float, Field(ge=0, le=1e6)]
+
+
+class GpuModelToml(Strict):
+    """``[compute.gpu_model]``: a GPU step model fitted on llama-bench rows (see ``calibrate --llama-bench``).
+
+    Coefficient keys (``layer_us``, ``weights_factor`` ... :data:`llamatier.hardware.gpumodel.GPU_MODEL_KEYS`)
+    are optional: an absent one was not fitted.
+    """
+
+    layer_us: Micros | None = None
+    layer_graph_us: Micros | None = None
+    weights_factor: Factor | None = None
+    dequant_factor: Factor | None = None
+    matmul_factor: Factor | None = None
+    matmul_mmq_factor: Factor | None = None
+    matmul_dp4a_factor: Factor | None = None
+    attention_factor: Factor | None = None
+    split_us: Micros | None = None
+    host_attention_gb_s: Rate | None = None
+    host_attention_gflops: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    host_weights_gb_s: Rate | None = None
+    cuda_graphs: bool = _to("cuda_graphs", kind="bool")
+    quant_prefill: Literal["mmq_int8", "cublas_dequant", "dp4a"] = _to("quant_prefill", kind="str")
+    kv_pad_cells: Annotated[int, Field(ge=1, le=1 << 20)] | None = _to("kv_pad", kind="int", default=None)
+    int8_tops: Annotated[float, Field(ge=0, le=MAX_TFLOPS)] | None = _to("int8_ops_per_s", 1e12, default=None)
+    fitted_on: list[str] | None = _to("fitted_on", kind="str_list", default=None)
+    fitted_models: list[str] | None = _to("fitted_models", kind="str_list", default=None)
+    unfitted: list[str] | None = _to("unfitted", kind="str_list", default=None)
+    tied: list[str] | None = _to("tied", kind="str_list", default=None)
+    n_rows: Annotated[int, Field(ge=0)] | None = _to("n_rows", kind="int", default=None)
+    fit_median_ape: Annotated[float, Field(ge=0, le=1e6)] | None = _to("fit_median_ape", default=None)
+    notes: str | None = _to("notes", kind="str", default=None)
+
+    @model_validator(mode="after")
+    def _known_terms(self) -> GpuModelToml:
+        for t in self.unfitted or ():
+            if t not in GPU_TERMS:
+                raise RuleError("unfitted", f"unknown GPU term {t!r}; terms are {', '.join(GPU_TERMS)}")
+        for pair in self.tied or ():
+            term, eq, partner = pair.partition("=")
+            if not eq or term not in GPU_TERMS or partner not in GPU_TERMS:
+                raise RuleError("tied", f"{pair!r} is not TERM=TERM of GPU terms ({', '.join(GPU_TERMS)})")
+        return self
+
+
 class ComputeToml(Strict):
     """``[compute]``."""
 
@@ -146,6 +202,7 @@ class ComputeToml(Strict):
     host_attention_gb_s: Rate = _to("host_attention_bytes_per_s", 1e9)
     host_roundtrip_us: Micros = _to("host_roundtrip_s", 1e-6)
     host_model: HostModelToml | None = None
+    gpu_model: GpuModelToml | None = None
 
 
 TiersToml = create_model(
@@ -190,6 +247,7 @@ TIER_FIELDS = _spec(TierToml)
 LINK_FIELDS = _spec(LinkToml)
 COMPUTE_FIELDS = _spec(ComputeToml)
 HOST_MODEL_FIELDS = _spec(HostModelToml)
+GPU_MODEL_FIELDS = _spec(GpuModelToml)
 
 
 def _si(model: Strict, spec: dict[str, FieldSpec]) -> dict[str, Any]:
@@ -207,6 +265,15 @@ def _si(model: Strict, spec: dict[str, FieldSpec]) -> dict[str, Any]:
             value = tuple(value)
         out[fs.attr] = value
     return out
+
+
+def _gpu_model(doc: GpuModelToml) -> GpuStepModel:
+    """[compute.gpu_model] -> GpuStepModel (coefficients in SI units)."""
+    coef = dict(coef_from_toml(k, getattr(doc, k)) for k in GPU_MODEL_KEYS if getattr(doc, k) is not None)
+    v = _si(doc, GPU_MODEL_FIELDS)
+    paths = KernelPaths(cuda_graphs=v.pop("cuda_graphs"), quant_prefill=v.pop("quant_prefill"),
+                        kv_pad=v.pop("kv_pad", 256))
+    return GpuStepModel(coef=coef, paths=paths, **v)
 
 
 def builtin_profile_dirs() -> list[Path]:
@@ -266,6 +333,9 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> Profil
     host_model = None
     if doc.compute.host_model is not None:
         host_model = HostComputeModel(**_si(doc.compute.host_model, HOST_MODEL_FIELDS))
-    compute = Compute(**_si(doc.compute, COMPUTE_FIELDS), host_model=host_model)
+    gpu_model = None
+    if doc.compute.gpu_model is not None:
+        gpu_model = _gpu_model(doc.compute.gpu_model)
+    compute = Compute(**_si(doc.compute, COMPUTE_FIELDS), host_model=host_model, gpu_model=gpu_model)
     name = doc.name if doc.name is not None else Path(source).stem
     return Profile(name=name, description=doc.description, tiers=tiers, links=links, compute=compute, source=source)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from llamatier.errors import ProfileError
+from llamatier.hardware.gpumodel import GpuStepModel
 from llamatier.hardware.hostmodel import HostComputeModel
 from llamatier.tiers import LINK_NAMES, TIER_NAMES
 
@@ -55,6 +56,7 @@ class Compute:
     host_attention_bytes_per_s: float  # bandwidth attention reaches on the host (llama.cpp -nkvo)
     host_roundtrip_s: float  # per-layer Q / partial-result round trip when attending on the host
     host_model: HostComputeModel | None = None  # calibrated host step-time model, None for datasheet profiles
+    gpu_model: GpuStepModel | None = None  # GPU step model fitted on llama-bench rows, None: datasheet roofline
 
 
 @dataclass(frozen=True)
@@ -107,4 +109,11 @@ class Profile:
         d = asdict(self)
         hm = self.compute.host_model
         d["compute"]["host_model"] = hm.to_dict() if hm is not None else None
+        gm = self.compute.gpu_model
+        d["compute"]["gpu_model"] = None if gm is None else {
+            "coef": dict(gm.coef), "fitted_on": list(gm.fitted_on), "unfitted": list(gm.unfitted),
+            "n_rows": gm.n_rows, "fit_median_ape": gm.fit_median_ape, "notes": gm.notes,
+            "cuda_graphs": None if gm.paths is None else gm.paths.cuda_graphs,
+            "quant_prefill": None if gm.paths is None else gm.paths.quant_prefill,
+        }
         return d

@@ -6,8 +6,10 @@ import json
 import math
 from typing import Any
 
+from llamatier.hardware.gpumodel import GPU_MODEL_KEYS, coef_to_toml
 from llamatier.hardware.loader import (
     COMPUTE_FIELDS,
+    GPU_MODEL_FIELDS,
     HOST_MODEL_FIELDS,
     LINK_FIELDS,
     TIER_FIELDS,
@@ -69,4 +71,28 @@ def profile_to_toml(profile: Profile, *, header: str = "") -> str:
     hm = profile.compute.host_model
     if hm is not None:
         out += ["", "[compute.host_model]"] + _section_lines(hm, HOST_MODEL_FIELDS)
+    gm = profile.compute.gpu_model
+    if gm is not None:
+        out += ["", "[compute.gpu_model]"] + gpu_model_lines(gm)
     return "\n".join(out) + "\n"
+
+
+def gpu_model_lines(gm: Any, comments: dict[str, str] | None = None) -> list[str]:
+    """The [compute.gpu_model] lines of a fitted GPU model (``comments``: key -> trailing comment)."""
+    comments = comments or {}
+    lines = []
+    for term, c in gm.coef.items():
+        key, value = coef_to_toml(term, c)
+        lines.append((key, float(f"{value:.6g}")))
+    order = list(GPU_MODEL_KEYS)
+    lines.sort(key=lambda kv: order.index(kv[0]))
+    if gm.paths is not None:
+        lines += [("cuda_graphs", gm.paths.cuda_graphs), ("quant_prefill", gm.paths.quant_prefill),
+                  ("kv_pad_cells", gm.paths.kv_pad)]
+    if gm.int8_ops_per_s:
+        lines.append(("int8_tops", gm.int8_ops_per_s / 1e12))
+    for key in ("fitted_on", "fitted_models", "unfitted", "tied", "n_rows", "fit_median_ape", "notes"):
+        value = getattr(gm, GPU_MODEL_FIELDS[key].attr)
+        if value not in ((), "", None) and not (isinstance(value, float) and math.isnan(value)):
+            lines.append((key, list(value) if isinstance(value, tuple) else value))
+    return [f"{k} = {_toml_value(v)}" + (f"  # {comments[k]}" if k in comments else "") for k, v in lines]
