@@ -27,7 +27,7 @@ from llamatier.hardware import (
     pad_kv_cells,
     profile_to_toml,
 )
-from llamatier.hardware.hostmodel import DEFAULT_KV_PAD_CELLS, design_matrix
+from llamatier.hardware.hostmodel import DEFAULT_KV_PAD_CELLS, attended_cells, design_matrix
 from llamatier.trace import Trace, load_trace
 
 _PAD_CANDIDATES = (256, 128, 64, 32, 16, 1)
@@ -54,10 +54,26 @@ class StepData:
     model_names: tuple[str, ...] = ()
     model_weight_bytes: tuple[int, ...] = ()
     weight_repack: str = ""  # "on" / "off": llama.cpp's CPU weight repacking in every trace (never mixed)
+    flash_attn: np.ndarray | None = None  # bool per step; None: all off (how llamatier traces)
+    swa_full: np.ndarray | None = None  # bool per step; None: all on (how llamatier traces)
+    swa_layer_fraction: float = 0.0  # the model's share of sliding-window layers
+    swa_window: int = 0
 
     @property
     def n(self) -> int:
         return int(self.decode_s.shape[0])
+
+    def fa(self) -> np.ndarray:
+        return np.zeros(self.n, dtype=bool) if self.flash_attn is None else self.flash_attn
+
+    def swa(self) -> np.ndarray:
+        return np.ones(self.n, dtype=bool) if self.swa_full is None else self.swa_full
+
+    def attended(self, pad: int) -> np.ndarray:
+        """Layer-average attended cells per step (sliding windows when a trace ran without --swa-full)."""
+        return attended_cells(self.n_kv, pad, self.n_ctx, swa_full=self.swa(),
+                              swa_layer_fraction=self.swa_layer_fraction, swa_window=self.swa_window,
+                              n_ubatch=np.where(self.n_ubatch > 0, self.n_ubatch, 512))
 
 
 def steps_from_traces(traces: Sequence[Trace]) -> StepData:
@@ -66,7 +82,8 @@ def steps_from_traces(traces: Sequence[Trace]) -> StepData:
         raise LlamatierError("no traces given: pass at least one trace directory")
     repack = one_repack_setting(traces)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in StepData.__dataclass_fields__ if k not in (
-        "trace_names", "model_names", "model_weight_bytes", "weight_repack")}
+        "trace_names", "model_names", "model_weight_bytes", "weight_repack",
+        "swa_layer_fraction", "swa_window")}
     names, models, weights = [], [], []
     for i, tr in enumerate(traces):
         ctx = tr.context
@@ -93,15 +110,20 @@ def steps_from_traces(traces: Sequence[Trace]) -> StepData:
         cols["type_k"].append(np.full(n, str(ctx["type_k"]), dtype=object))
         cols["type_v"].append(np.full(n, str(ctx["type_v"]), dtype=object))
         cols["decode_s"].append(s["decode_s"].to_numpy().astype(np.float64))
+        cols["flash_attn"].append(np.full(n, bool(ctx.get("flash_attn", False))))
+        cols["swa_full"].append(np.full(n, bool(ctx.get("swa_full", True))))
         names.append(name)
         models.append(tr.model.name)
         weights.append(int(tr.model.weight_bytes))
+    g = traces[0].model.geometry
     return StepData(
         **{k: np.concatenate(v) for k, v in cols.items()},
         trace_names=tuple(names),
         model_names=tuple(models),
         model_weight_bytes=tuple(weights),
         weight_repack="on" if repack else "off",
+        swa_layer_fraction=float(np.mean(g.swa_layers)) if g.n_layers else 0.0,
+        swa_window=int(max(g.sliding_window)) if g.n_layers else 0,
     )
 
 
@@ -189,6 +211,10 @@ def default_terms(data: StepData, mask: np.ndarray | None = None) -> tuple[str, 
         terms.append(f"kv@v={tv}")
         if (batched & (data.type_v[m] == tv)).any():
             terms.append(f"token_kv@v={tv}")
+    fas = sorted(set(data.fa()[m].tolist()))
+    if len(fas) > 1:  # per-cell costs differ with flash attention: one set of attention terms per setting
+        attn = [t for t in terms if t.startswith(("kv", "token_kv"))]
+        terms = [t for t in terms if t not in attn] + [f"{t}@fa={'on' if fa else 'off'}" for fa in fas for t in attn]
     return tuple(terms)
 
 
@@ -261,9 +287,9 @@ def fit_host_model(
         )
     terms = tuple(terms) if terms is not None else default_terms(data, candidates)
     thread_counts = tuple(sorted(set(data.n_threads[candidates].tolist())))
-    padded = pad_kv_cells(data.n_kv, pad, data.n_ctx)
+    padded = data.attended(pad)
     x = design_matrix(terms, n_tokens=data.n_tokens, n_kv_padded=padded, type_k=data.type_k, type_v=data.type_v,
-                      n_outputs=data.n_outputs)
+                      n_outputs=data.n_outputs, flash_attn=data.fa())
     both = len(thread_counts) > 1
     full = np.hstack([x, x / data.n_threads[:, None]]) if both else x
     n_free = full.shape[1]
@@ -326,6 +352,9 @@ def fit_host_model(
         v_types=tuple(sorted(set(data.type_v[candidates].tolist()))),
         thread_counts=thread_counts,
         n_ubatch=int(ub[0]) if len(ub) == 1 else 0,
+        flash_attn=tuple(sorted(set(data.fa()[candidates].tolist()))) if data.fa()[candidates].any() else (),
+        swa_layer_fraction=data.swa_layer_fraction if not data.swa()[candidates].all() else 0.0,
+        swa_window=data.swa_window if not data.swa()[candidates].all() else 0,
         model_name=", ".join(sorted(set(data.model_names))),
         model_weight_bytes=int(max(data.model_weight_bytes)) if data.model_weight_bytes else 0,
         fit_steps=int(keep.sum()),

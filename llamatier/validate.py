@@ -114,6 +114,8 @@ def predict_steps(profile: Profile, data: StepData) -> np.ndarray:
         n_threads=data.n_threads,
         n_ctx=data.n_ctx,
         n_outputs=data.n_outputs,
+        flash_attn=data.fa(),
+        swa_full=data.swa(),
     )
 
 
