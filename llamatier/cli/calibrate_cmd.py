@@ -66,15 +66,20 @@ def _print_fit(fit: CalibrationFit, outlier_sigmas: float = 4.0) -> None:
 @app.command()
 @cli_errors
 def calibrate(
-    traces: list[Path] = typer.Argument(..., help="Trace directories whose measured step times to fit."),
+    traces: list[Path] = typer.Argument(None, help="Trace directories whose measured step times to fit."),
     out: Path = typer.Option(..., "--out", "-o", help="Profile TOML to write (usable by replay --profile)."),
-    base: str = typer.Option("cpu-host", "--base", help="Profile whose tiers and links the result keeps."),
+    llama_bench: list[Path] = typer.Option(None, "--llama-bench", help="llama-bench output (json, jsonl, csv or md) to fit instead of traces; repeat for several files."),
+    base: str = typer.Option("", "--base", help="Profile whose tiers and links the result keeps (default: cpu-host; for GPU rows the GPU's built-in profile)."),
     name: str = typer.Option("", "--name", help="Name of the written profile (default: BASE-calibrated)."),
+    gpu: str = typer.Option("", "--gpu", help="GPU of llama-bench rows that do not name it (markdown output), e.g. 'RTX 4090'."),
+    geometry: str = typer.Option("", "--geometry", help="Geometry preset or GGUF of the llama-bench rows' model, if llamatier cannot tell it from model_type."),
+    model: str = typer.Option("", "--model", help="GGUF the CPU llama-bench rows ran (its sliding windows and name)."),
+    partial: bool = typer.Option(False, "--partial", help="Fit the GPU terms the rows identify and leave the others out (default: refuse)."),
     warmup_steps: int = typer.Option(1, "--warmup-steps", help="Leading steps of each trace not fitted."),
     outlier_sigmas: float = typer.Option(4.0, "--outlier-sigmas", help="Drop steps this many robust sigmas off."),
     json_out: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
 ) -> None:
-    """Fit the host compute model from measured step times and write a calibrated profile."""
+    """Fit the host or GPU step-time model from traces or llama-bench rows and write a calibrated profile."""
     from llamatier.errors import LlamatierError
     from llamatier.outpaths import check_output_file
 
@@ -83,6 +88,17 @@ def calibrate(
     if warmup_steps < 0:
         raise LlamatierError(f"--warmup-steps must be >= 0 (got {warmup_steps})")
     check_output_file(out, "--out", "host.toml")  # before the fit, not after it
+    if llama_bench:
+        if traces:
+            raise LlamatierError("give trace directories or --llama-bench files, not both")
+        from llamatier.cli.llamabench_view import run_calibrate
+
+        run_calibrate(llama_bench, out, base=base or None, name=name or None, gpu=gpu or None,
+                      geometry=geometry or None, model=model or None, partial=partial, json_out=json_out)
+        return
+    if not traces:
+        raise LlamatierError("nothing to fit: give trace directories or --llama-bench FILE")
+    base = base or "cpu-host"
     base_profile = load_profile(base)
     profile, fit = calibrate_profile(
         traces, base=base, name=name or None, warmup_steps=warmup_steps, outlier_sigmas=outlier_sigmas
@@ -135,12 +151,30 @@ def _print_validation(rep: ValidationReport) -> None:
 @app.command()
 @cli_errors
 def validate(
-    traces: list[Path] = typer.Argument(..., help="Held-out trace directories to predict."),
-    profile: str = typer.Option(..., "--profile", "-p", help="Calibrated profile (name or TOML path)."),
+    traces: list[Path] = typer.Argument(None, help="Held-out trace directories to predict."),
+    profile: str = typer.Option("", "--profile", "-p", help="Calibrated profile (name or TOML path)."),
+    llama_bench: list[Path] = typer.Option(None, "--llama-bench", help="llama-bench output (json, jsonl, csv or md) to predict instead of traces."),
+    leave_one_gpu_out: bool = typer.Option(False, "--leave-one-gpu-out", help="With GPU rows: refit without each GPU and predict its rows (no --profile needed)."),
+    gpu: str = typer.Option("", "--gpu", help="GPU of llama-bench rows that do not name it (markdown output)."),
+    geometry: str = typer.Option("", "--geometry", help="Geometry preset or GGUF of the llama-bench rows' model."),
     skip_warmup: int = typer.Option(0, "--skip-warmup", help="Leave out each trace's first N steps."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Predict every step time of held-out traces; report median and p95 error per phase."""
+    """Predict held-out traces or llama-bench rows; report the error per phase or per row."""
+    from llamatier.errors import LlamatierError
+
+    if llama_bench:
+        if traces:
+            raise LlamatierError("give trace directories or --llama-bench files, not both")
+        from llamatier.cli.llamabench_view import run_validate
+
+        run_validate(llama_bench, profile or None, gpu=gpu or None, geometry=geometry or None,
+                     leave_one_gpu_out=leave_one_gpu_out, json_out=json_out)
+        return
+    if not traces:
+        raise LlamatierError("nothing to validate: give trace directories or --llama-bench FILE")
+    if not profile:
+        raise LlamatierError("--profile is required to validate traces (a profile with a calibrated host model)")
     rep = validate_profile(profile, traces, skip_warmup_steps=skip_warmup)
     if json_out:
         print_json(rep.to_dict())
