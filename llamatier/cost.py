@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llamatier.hardware import Profile
+from llamatier.hardware.gpumodel import replay_coefficients
 from llamatier.tiers import (
     DOWN,
     DRAM,
@@ -128,6 +129,16 @@ class CostModel:
             self.rate[i, DOWN] = min(lk.bytes_per_s, up.read_bytes_per_s, lo.write_bytes_per_s)
             self.fixed_s[i] = lk.latency_s + lk.transfer_overhead_s + lo.latency_s + lo.transfer_overhead_s
         self.link_energy = np.array([lk.energy_j_per_byte for lk in links])
+        gm = profile.compute.gpu_model
+        self.gpu_coef = None
+        if gm is not None and not self.host_only:
+            c = profile.compute
+            self.gpu_coef = replay_coefficients(
+                gm, n_layers=self.L, quantized=self.weight_bytes * 8.0 / max(self.n_params, 1.0) < 12.0,
+                step_overhead_s=c.step_overhead_s, matmul_flops_per_s=c.matmul_flops_per_s,
+                matmul_efficiency=c.matmul_efficiency, host_attention_bytes_per_s=c.host_attention_bytes_per_s,
+                host_roundtrip_s=c.host_roundtrip_s,
+            )
         self.tier_energy = np.array([t.energy_j_per_byte for t in tiers])
         self.tiers = tiers
 
@@ -137,6 +148,40 @@ class CostModel:
         b = np.einsum("sab,abkd->skd", bytes_ab, LINK_PATHS)
         n = np.einsum("sab,abkd->skd", count_ab, LINK_PATHS)
         return b, b / self.rate[None] + n * self.fixed_s[None, :, None]
+
+    def _fitted_gpu(self, tr: StepTraffic, flops_mm: np.ndarray, flops_att: np.ndarray, below_b: np.ndarray,
+                    below_n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """compute, host layers, HBM and per-layer host-attention seconds from the fitted GPU step model.
+
+        Single-token steps: per-layer launch cost plus weights and HBM-resident KV streamed at the
+        fitted fraction of bandwidth. Batched steps: matmuls on the weights' kernel path and the
+        attention FLOPs at their fitted fractions of peak (weight reads hide under the compute).
+        """
+        rc = self.gpu_coef
+        hbm = self.tiers[HBM]
+        host, gpu = self.host_layers, ~self.host_layers
+        n_gpu, n_host = int(gpu.sum()), int(host.sum())
+        w_layer = self.weight_bytes / self.L
+        bw = hbm.read_bytes_per_s
+        single = tr.n_tokens <= 1
+        kv_hbm = tr.read_bytes[:, :, HBM].sum(axis=1)
+        decode = n_gpu * rc.layer_s + rc.weights * w_layer * n_gpu / bw
+        batched = (
+            rc.matmul * flops_mm * n_gpu / self.L / rc.matmul_peak
+            + rc.dequant * 4.0 * self.n_params * n_gpu / self.L / bw
+            + rc.attention * flops_att[:, gpu].sum(axis=1) / rc.attention_peak
+        )
+        compute_s = np.where(single, decode, batched)
+        hbm_s = np.where(single, rc.weights * kv_hbm / bw, 0.0) + tr.write_bytes[:, :, HBM].sum(axis=1) / hbm.write_bytes_per_s
+        host_bytes = w_layer * n_host + tr.read_bytes[:, host, :].sum(axis=(1, 2))
+        host_layers_s = host_bytes * rc.host_weights_s_per_byte + (rc.split_s if n_host else 0.0)
+        if n_host == 0:
+            host_layers_s = np.zeros_like(compute_s)
+        host_kv = below_b * rc.host_kv_s_per_byte
+        if np.isfinite(rc.host_flops_s):  # prefill attention on the host is FLOP-bound when the fit says so
+            host_kv = np.where(single[:, None], host_kv, flops_att * rc.host_flops_s)
+        host_cost = np.where(below_n > 0, rc.split_s, 0.0) + host_kv
+        return compute_s, host_layers_s, hbm_s, host_cost
 
     def evaluate(self, tr: StepTraffic) -> StepCosts:
         S = tr.read_bytes.shape[0]
@@ -193,25 +238,28 @@ class CostModel:
                 )
             energy_weights = np.full(S, self.weight_bytes * dram.energy_j_per_byte)
         else:
-            compute_s = c.step_overhead_s + np.maximum(
-                w_layer * n_gpu / hbm.read_bytes_per_s,
-                (flops_mm * n_gpu / self.L + flops_att[:, gpu].sum(axis=1))
-                / (c.matmul_flops_per_s * c.matmul_efficiency),
-            )
-            # host layers (static layers mode): weights and all their KV stream at host bandwidth
-            host_bytes = w_layer * n_host + tr.read_bytes[:, host, :].sum(axis=(1, 2))
-            host_layers_s = (
-                (host_bytes / c.host_attention_bytes_per_s + c.host_roundtrip_s) if n_host else zeros
-            )
-            hbm_s = (
-                tr.read_bytes[:, :, HBM].sum(axis=1) / hbm.read_bytes_per_s
-                + tr.write_bytes[:, :, HBM].sum(axis=1) / hbm.write_bytes_per_s
-                + n_gpu * (hbm.latency_s + hbm.transfer_overhead_s)
-            )
             # GPU layers' KV below HBM: attend on the host or fetch over the link, per layer
             below_b = tr.read_bytes[:, :, DRAM:].sum(axis=2)  # [S, L]
             below_n = tr.read_blocks[:, :, DRAM:].sum(axis=2)
-            host_cost = np.where(below_n > 0, c.host_roundtrip_s, 0.0) + below_b / c.host_attention_bytes_per_s
+            if self.gpu_coef is not None:
+                compute_s, host_layers_s, hbm_s, host_cost = self._fitted_gpu(tr, flops_mm, flops_att, below_b, below_n)
+            else:
+                compute_s = c.step_overhead_s + np.maximum(
+                    w_layer * n_gpu / hbm.read_bytes_per_s,
+                    (flops_mm * n_gpu / self.L + flops_att[:, gpu].sum(axis=1))
+                    / (c.matmul_flops_per_s * c.matmul_efficiency),
+                )
+                # host layers (static layers mode): weights and all their KV stream at host bandwidth
+                host_bytes = w_layer * n_host + tr.read_bytes[:, host, :].sum(axis=(1, 2))
+                host_layers_s = (
+                    (host_bytes / c.host_attention_bytes_per_s + c.host_roundtrip_s) if n_host else zeros
+                )
+                hbm_s = (
+                    tr.read_bytes[:, :, HBM].sum(axis=1) / hbm.read_bytes_per_s
+                    + tr.write_bytes[:, :, HBM].sum(axis=1) / hbm.write_bytes_per_s
+                    + n_gpu * (hbm.latency_s + hbm.transfer_overhead_s)
+                )
+                host_cost = np.where(below_n > 0, c.host_roundtrip_s, 0.0) + below_b / c.host_attention_bytes_per_s
             fetch_cost = below_b / self.rate[0, UP] + below_n * self.fixed_s[0]
             if self.dram_reads == "host":
                 use_fetch = np.zeros_like(below_b, dtype=bool)

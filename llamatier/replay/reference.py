@@ -18,6 +18,7 @@ import numpy as np
 from llamatier.cost import StepCosts, StepTraffic
 from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile
+from llamatier.hardware.gpumodel import replay_coefficients
 from llamatier.policies.base import Policy, StepView, default_read_selection
 from llamatier.replay import (
     ReplayOptions,
@@ -172,6 +173,13 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
     link_busy = np.zeros((S, 3, 2))
     link_bytes = np.zeros((S, 3, 2))
     e_kv = np.zeros((S, 4))
+    rc = None
+    if not host_only and c.gpu_model is not None:
+        rc = replay_coefficients(
+            c.gpu_model, n_layers=L, quantized=tgt.weight_bytes * 8.0 / max(float(tgt.n_params), 1.0) < 12.0,
+            step_overhead_s=c.step_overhead_s, matmul_flops_per_s=c.matmul_flops_per_s,
+            matmul_efficiency=c.matmul_efficiency, host_attention_bytes_per_s=c.host_attention_bytes_per_s,
+            host_roundtrip_s=c.host_roundtrip_s)
     host_pred = None
     if host_only and host_model_args is not None:
         host_pred = c.host_model.predict_step_s(n_tokens=tr.n_tokens, n_kv=tr.ctx_tokens, **host_model_args)
@@ -202,7 +210,12 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
                 d = sum(tr.read_bytes[s, layer, t] for t in (1, 2, 3))
                 n = sum(tr.read_blocks[s, layer, t] for t in (1, 2, 3))
                 if n > 0:
-                    host_cost = c.host_roundtrip_s + d / c.host_attention_bytes_per_s
+                    if rc is None:
+                        host_cost = c.host_roundtrip_s + d / c.host_attention_bytes_per_s
+                    elif nt > 1 and rc.host_flops_s == rc.host_flops_s:  # fitted FLOP rate (not nan)
+                        host_cost = rc.split_s + flops_att[layer] * rc.host_flops_s
+                    else:
+                        host_cost = rc.split_s + d * rc.host_kv_s_per_byte
                     fetch_cost = d / rate[0][0] + n * fixed[0]
                     use_fetch = dram_reads == "fetch" or (dram_reads == "auto" and fetch_cost < host_cost)
                     if use_fetch:
@@ -225,6 +238,24 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
                            + tr.write_bytes[s].sum() / tiers[1].write_bytes_per_s)
             host_l = hbm = 0.0
             e_w = tgt.weight_bytes * tiers[1].energy_j_per_byte
+        elif rc is not None:  # the fitted GPU step model
+            bw = tiers[0].read_bytes_per_s
+            att_gpu = sum(f for f, h in zip(flops_att, host_layers, strict=False) if not h)
+            if nt <= 1:
+                compute = n_gpu * rc.layer_s + rc.weights * w_layer * n_gpu / bw
+                hbm = rc.weights * tr.read_bytes[s, :, 0].sum() / bw
+            else:
+                compute = (rc.matmul * flops_mm * n_gpu / L / rc.matmul_peak
+                           + rc.dequant * 4.0 * tgt.n_params * n_gpu / L / bw
+                           + rc.attention * att_gpu / rc.attention_peak)
+                hbm = 0.0
+            hbm += tr.write_bytes[s, :, 0].sum() / tiers[0].write_bytes_per_s
+            n_host = L - n_gpu
+            host_l = 0.0
+            if n_host:
+                hb = w_layer * n_host + sum(tr.read_bytes[s, layer].sum() for layer in range(L) if host_layers[layer])
+                host_l = hb * rc.host_weights_s_per_byte + rc.split_s
+            e_w = w_layer * (n_gpu * tiers[0].energy_j_per_byte + n_host * tiers[1].energy_j_per_byte)
         else:
             flops_gpu = flops_mm * n_gpu / L + sum(f for f, h in zip(flops_att, host_layers, strict=False) if not h)
             compute = c.step_overhead_s + max(w_layer * n_gpu / tiers[0].read_bytes_per_s,
