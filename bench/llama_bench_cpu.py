@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = args.model
     if model is None:
-        from llamatier.workloads import demo_model_path
+        from llamatier.demo import demo_model_path
 
         model = str(demo_model_path())
     args.out.parent.mkdir(parents=True, exist_ok=True)

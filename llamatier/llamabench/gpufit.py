@@ -21,7 +21,6 @@ import polars as pl
 
 from llamatier.calibrate import nnls
 from llamatier.errors import LlamatierError
-from llamatier.geometry_presets import TargetModel
 from llamatier.hardware.gpumodel import (
     GPU_TERMS,
     LOWER_BOUNDS,
@@ -36,7 +35,8 @@ from llamatier.hardware.gpumodel import (
 )
 from llamatier.kvtypes import kv_type
 from llamatier.llamabench.models import find_gpu_spec, gpu_spec, row_model, weight_class
-from llamatier.llamabench.reader import format_test
+from llamatier.llamabench.reader import format_test, throughput_error
+from llamatier.target import TargetModel
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class GpuFit:
     @property
     def rel_error(self) -> np.ndarray:
         """Error of the predicted throughput per row (predicted t/s / measured t/s - 1)."""
-        return np.array([r.measured_s for r in self.rows]) / self.predicted_s - 1.0
+        return throughput_error([r.measured_s for r in self.rows], self.predicted_s)
 
 
 def _design(rows: Sequence[GpuRow], terms: Sequence[str]) -> np.ndarray:

@@ -26,7 +26,7 @@ import polars as pl
 from llamatier.calibrate import nnls
 from llamatier.errors import LlamatierError
 from llamatier.hardware.hostmodel import HostComputeModel, attended_cells, design_matrix
-from llamatier.llamabench.reader import format_test
+from llamatier.llamabench.reader import format_test, throughput_error
 
 PAD = 256  # llama.cpp pads attended cells to 256 (llama-kv-cache.cpp get_n_kv)
 
@@ -141,7 +141,7 @@ class BenchHostFit:
     @property
     def rel_error(self) -> np.ndarray:
         """Error of the predicted throughput per row (predicted t/s / measured t/s - 1)."""
-        return np.array([r.measured_s for r in self.rows]) / self.predicted_s - 1.0
+        return throughput_error([r.measured_s for r in self.rows], self.predicted_s)
 
 
 def fit_host_from_bench(rows: Sequence[HostRow], *, model_name: str, weight_bytes: int = 0,

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from llamatier.errors import LlamatierError
-from llamatier.geometry_presets import TargetModel, geometry_preset, resolve_geometry
+from llamatier.target import TargetModel, geometry_preset, resolve_geometry
 
 try:
     import tomllib

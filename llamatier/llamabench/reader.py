@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from llamatier.errors import LlamatierError
@@ -121,6 +122,11 @@ def format_test(n_prompt: int, n_gen: int, n_depth: int) -> str:
     else:
         name = f"pp{n_prompt}+tg{n_gen}"
     return name + (f" @ d{n_depth}" if n_depth > 0 else "")
+
+
+def throughput_error(measured_s: Sequence[float] | np.ndarray, predicted_s: np.ndarray) -> np.ndarray:
+    """Error of predicted throughput per test (predicted t/s / measured t/s - 1), from test times."""
+    return np.asarray(measured_s, dtype=np.float64) / np.asarray(predicted_s, dtype=np.float64) - 1.0
 
 
 def _parse_size(text: str) -> int:
