@@ -201,3 +201,18 @@ def test_the_published_ground_truth_reads_as_llama_bench_csv():
     rows, skipped = published_gpu_rows()
     assert len(rows) + len(skipped) == df.height
     assert all("model_size" in s.reason for s in skipped)  # the only reason a published row is not usable
+
+
+def test_trace_records_the_gpu_placement_it_was_asked_for(tiny_model, tmp_path):
+    out = tmp_path / "t"
+    res = run_cli("trace", str(tiny_model), "--prompt", "the tier keeps hot blocks", "--n-predict", "4",
+                  "--ctx", "256", "--threads", "1", "--n-gpu-layers", "99", "--no-offload-kqv", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["context"]["n_gpu_layers"] == 99 and meta["context"]["offload_kqv"] is False
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():  # this CPU build: the run says the flags changed nothing
+        assert "no GPU backend" in res.stdout
+    assert_one_line_error(run_cli("trace", str(tiny_model), "--n-gpu-layers", "-1", "--out", str(tmp_path / "u")),
+                          "--n-gpu-layers must be >= 0")

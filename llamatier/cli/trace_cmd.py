@@ -74,6 +74,8 @@ def trace(
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="Stop decoding at end-of-generation tokens."),
     repack: RepackOpt = None,
     engine: str = typer.Option("llama.cpp", "--engine", help=f"Trace engine: {ENGINES.help_names()}."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Layers on the GPU (llama-cpp-python built with CUDA; 99 = all)."),
+    no_offload_kqv: bool = typer.Option(False, "--no-offload-kqv", "-nkvo", help="Keep the KV cache and attention on the host (llama.cpp -nkvo)."),
 ) -> None:
     """Run MODEL through llama.cpp and record per-step KV attention and timings."""
     from llamatier.demo import builtin_prompt, read_prompt_file
@@ -89,6 +91,13 @@ def trace(
         text, source = builtin_prompt(), "builtin:workload.txt"
     if capture not in ("auto", "c", "python", "off"):
         raise LlamatierError(f"unknown --capture {capture!r}: use auto, c, python or off")
+    if n_gpu_layers < 0:
+        raise LlamatierError(f"--n-gpu-layers must be >= 0 (got {n_gpu_layers}); 99 puts every layer on the GPU")
+    engine_options: dict = {} if repack is None else {"repack": repack}
+    if n_gpu_layers or no_offload_kqv:
+        if engine != "llama.cpp":
+            raise LlamatierError(f"--n-gpu-layers and --no-offload-kqv are llama.cpp engine options, not {engine}'s")
+        engine_options.update(n_gpu_layers=n_gpu_layers, offload_kqv=not no_offload_kqv)
     if out is None:
         out = Path("traces") / f"{model.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = TraceConfig(
@@ -113,9 +122,16 @@ def trace(
         overwrite=force,
         command="llamatier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         engine=engine,
-        engine_options={} if repack is None else {"repack": repack},
+        engine_options=engine_options,
     )
     validate_config(cfg)  # fail fast, before the progress bar
+    if n_gpu_layers > 0 or no_offload_kqv:
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            console.print("[yellow]note:[/] this llama-cpp-python has no GPU backend, so --n-gpu-layers and "
+                          "--no-offload-kqv change nothing (install it with CMAKE_ARGS=-DGGML_CUDA=on, or point "
+                          "LLAMA_CPP_LIB_PATH at a CUDA build of llama.cpp)", highlight=False)
     summary = run_with_progress(cfg)
     console.print(
         f"[green]trace written[/] to [bold]{summary.out_dir}[/]: {summary.n_steps} steps "
