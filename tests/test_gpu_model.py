@@ -216,3 +216,16 @@ def test_trace_records_the_gpu_placement_it_was_asked_for(tiny_model, tmp_path):
         assert "no GPU backend" in res.stdout
     assert_one_line_error(run_cli("trace", str(tiny_model), "--n-gpu-layers", "-1", "--out", str(tmp_path / "u")),
                           "--n-gpu-layers must be >= 0")
+
+
+@pytest.mark.parametrize(("gpu_info", "name"), [
+    ("NVIDIA GeForce RTX 3090 Ti", "RTX 3090 Ti"), ("NVIDIA GeForce RTX 3090", "RTX 3090"),
+    ("Tesla V100-PCIE-16GB", "V100 PCIe"), ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"), ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA L4", "L4"),
+    ("NVIDIA L40S", None), ("NVIDIA GeForce RTX 4080 SUPER", None), ("", None),
+])
+def test_gpu_names_match_their_datasheet_entry_and_no_other(gpu_info, name):
+    from llamatier.llamabench.models import find_gpu_spec
+
+    spec = find_gpu_spec(gpu_info)
+    assert (spec.name if spec else None) == name

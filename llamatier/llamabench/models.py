@@ -9,6 +9,7 @@ model's layer shapes or the GPU's rates. Those come from data files:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -69,14 +70,15 @@ def gpu_specs() -> dict[str, tuple[tuple[str, ...], GpuSpec]]:
 
 
 def find_gpu_spec(gpu_info: str | None) -> GpuSpec | None:
-    """The spec whose longest match string ``gpu_info`` contains (case-insensitive); None if none."""
+    """The spec whose longest match string ``gpu_info`` contains as whole words (any case); None if none."""
     if not gpu_info:
         return None
-    text = gpu_info.lower()
     best: tuple[int, GpuSpec] | None = None
     for matches, spec in gpu_specs().values():
         for m in matches:
-            if m.lower() in text and (best is None or len(m) > best[0]):
+            # whole words only ("L4" must not match "L40S"), and not a variant ("RTX 4080 SUPER", "RTX 3090 Ti")
+            if re.search(rf"(?<![\w-]){re.escape(m)}(?!\w)(?!\s+(?:Ti|SUPER|D)\b)", gpu_info, re.IGNORECASE) and (
+                    best is None or len(m) > best[0]):
                 best = (len(m), spec)
     return None if best is None else best[1]
 
