@@ -153,9 +153,9 @@ class CostModel:
                     below_n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """compute, host layers, HBM and per-layer host-attention seconds from the fitted GPU step model.
 
-        Single-token steps: per-layer launch cost plus weights and HBM-resident KV streamed at the
-        fitted fraction of bandwidth. Batched steps: matmuls on the weights' kernel path and the
-        attention FLOPs at their fitted fractions of peak (weight reads hide under the compute).
+        A step costs the longer of streaming (per-layer launches plus the weights at the fitted share of
+        bandwidth; single-token steps also stream their HBM-resident KV) and computing (matmuls on the
+        weights' kernel path and attention FLOPs at their fitted shares of peak).
         """
         rc = self.gpu_coef
         hbm = self.tiers[HBM]
@@ -171,7 +171,9 @@ class CostModel:
             + rc.dequant * 4.0 * self.n_params * n_gpu / self.L / bw
             + rc.attention * flops_att[:, gpu].sum(axis=1) / rc.attention_peak
         )
-        compute_s = np.where(single, decode, batched)
+        # a step is bound by streaming its weights or by its matmuls, whichever is longer: a decode step by the
+        # first, a 512-token prefill ubatch by the second (each side as fitted on llama-bench rows)
+        compute_s = np.maximum(decode, batched)
         hbm_s = np.where(single, rc.weights * kv_hbm / bw, 0.0) + tr.write_bytes[:, :, HBM].sum(axis=1) / hbm.write_bytes_per_s
         host_bytes = w_layer * n_host + tr.read_bytes[:, host, :].sum(axis=(1, 2))
         host_layers_s = host_bytes * rc.host_weights_s_per_byte + (rc.split_s if n_host else 0.0)
@@ -179,8 +181,10 @@ class CostModel:
             host_layers_s = np.zeros_like(compute_s)
         host_kv = below_b * rc.host_kv_s_per_byte
         if np.isfinite(rc.host_flops_s):  # prefill attention on the host is FLOP-bound when the fit says so
-            host_kv = np.where(single[:, None], host_kv, flops_att * rc.host_flops_s)
-        host_cost = np.where(below_n > 0, rc.split_s, 0.0) + host_kv
+            read = tr.read_bytes.sum(axis=2)
+            share = np.divide(below_b, read, out=np.zeros_like(below_b), where=read > 0)
+            host_kv = np.where(single[:, None], host_kv, flops_att * share * rc.host_flops_s)
+        host_cost = np.where(below_n > 0, rc.split_s + host_kv, 0.0)
         return compute_s, host_layers_s, hbm_s, host_cost
 
     def evaluate(self, tr: StepTraffic) -> StepCosts:

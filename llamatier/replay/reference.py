@@ -213,7 +213,8 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
                     if rc is None:
                         host_cost = c.host_roundtrip_s + d / c.host_attention_bytes_per_s
                     elif nt > 1 and rc.host_flops_s == rc.host_flops_s:  # fitted FLOP rate (not nan)
-                        host_cost = rc.split_s + flops_att[layer] * rc.host_flops_s
+                        share = d / tr.read_bytes[s, layer].sum()  # the host attends its part of the KV
+                        host_cost = rc.split_s + flops_att[layer] * share * rc.host_flops_s
                     else:
                         host_cost = rc.split_s + d * rc.host_kv_s_per_byte
                     fetch_cost = d / rate[0][0] + n * fixed[0]
@@ -241,14 +242,12 @@ def reference_costs(ctx: ReplayContext, record: EngineRecord, profile: Profile, 
         elif rc is not None:  # the fitted GPU step model
             bw = tiers[0].read_bytes_per_s
             att_gpu = sum(f for f, h in zip(flops_att, host_layers, strict=False) if not h)
-            if nt <= 1:
-                compute = n_gpu * rc.layer_s + rc.weights * w_layer * n_gpu / bw
-                hbm = rc.weights * tr.read_bytes[s, :, 0].sum() / bw
-            else:
-                compute = (rc.matmul * flops_mm * n_gpu / L / rc.matmul_peak
-                           + rc.dequant * 4.0 * tgt.n_params * n_gpu / L / bw
-                           + rc.attention * att_gpu / rc.attention_peak)
-                hbm = 0.0
+            streaming = n_gpu * rc.layer_s + rc.weights * w_layer * n_gpu / bw
+            computing = (rc.matmul * flops_mm * n_gpu / L / rc.matmul_peak
+                         + rc.dequant * 4.0 * tgt.n_params * n_gpu / L / bw
+                         + rc.attention * att_gpu / rc.attention_peak)
+            compute = max(streaming, computing)
+            hbm = rc.weights * tr.read_bytes[s, :, 0].sum() / bw if nt <= 1 else 0.0
             hbm += tr.write_bytes[s, :, 0].sum() / tiers[0].write_bytes_per_s
             n_host = L - n_gpu
             host_l = 0.0
