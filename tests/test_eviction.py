@@ -195,3 +195,59 @@ def test_budget_respected_and_current_position_never_dropped(case: tuple) -> Non
         assert (plan.kept.sum(axis=1) == np.minimum(budget, plan.held)).all()
     reads = plan.result.record.traffic.read_blocks.sum(axis=2)[plan.steps]  # [D, L] blocks read per layer
     assert (reads <= budget).all()
+
+
+# -- the frontier (sweep + measured accuracy) and the proxy check ----------------------------
+
+
+def test_trace_prompt_is_found_and_checked(gemma_trace) -> None:
+    from llamatier.demo import builtin_prompt
+    from llamatier.quality.inputs import trace_prompt_text
+
+    assert trace_prompt_text(gemma_trace) == builtin_prompt()
+
+
+def test_sweep_crosses_block_budgets_and_joins_measured_accuracy(result, gemma_tiny_trace: Path,
+                                                                 tmp_path: Path) -> None:
+    save_eviction(result, tmp_path / "ev")
+    out, plot = tmp_path / "sweep.parquet", tmp_path / "frontier.png"
+    proc = run_cli("sweep", str(gemma_tiny_trace), "--policies", "h2o,streaming,snapkv,adaptive-select,lru",
+                   "--mode", "sparse", "--block-budget", "3,8,5", "--hbm-budget", "25%,100%", "--profiles", "t4",
+                   "--jobs", "1", "--quality", str(tmp_path / "ev"), "--out", str(out), "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr
+    assert "mean KL" in proc.stdout and "no measured accuracy" in proc.stderr  # budget 5 and lru were not measured
+    df = pl.read_parquet(out)
+    assert df.height == 5 * 3 * 2 and plot.stat().st_size > 0
+    for r in result.rows:
+        if r.keep_blocks not in (3, 8):
+            continue
+        d = df.filter((pl.col("policy") == r.policy) & (pl.col("block_budget") == r.keep_blocks))
+        assert d.height == 2  # both HBM budgets
+        assert (d["measured_mean_kl"] == r.mean_kl).all() and (d["measured_top1"] == r.top1_agreement).all()
+        assert d["dropped_mass_mean"].to_numpy() == pytest.approx(r.mass_dropped_mean)  # the replay agrees
+    assert df.filter(pl.col("block_budget") == 5)["measured_mean_kl"].is_null().all()
+    assert df.filter(pl.col("policy") == "lru")["measured_mean_kl"].is_null().all()
+    assert_one_line_error(run_cli("sweep", str(gemma_tiny_trace), "--quality", str(tmp_path / "ev"),
+                                  "--out", str(tmp_path / "x.parquet")), "--mode sparse")
+    from tests.conftest import COMMITTED_GEMMA_TRACE
+
+    assert_one_line_error(run_cli("sweep", str(COMMITTED_GEMMA_TRACE), "--policies", "h2o", "--mode", "sparse",
+                                  "--block-budget", "8", "--quality", str(tmp_path / "ev"),
+                                  "--out", str(tmp_path / "y.parquet")), "another trace")
+
+
+def test_proxy_correlation_is_spearman() -> None:
+    from llamatier.quality import proxy_correlation, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties: average ranks (scipy)
+    rows = pl.DataFrame({
+        "trace": ["a"] * 4 + ["b"] * 4, "policy": ["p", "q"] * 4, "keep_blocks": [4, 4, 8, 8] * 2,
+        "mass_dropped_mean": [0.5, 0.4, 0.2, 0.1, 0.6, 0.3, 0.25, 0.05],
+        "mean_kl": [0.9, 0.7, 0.3, 0.2, 1.0, 0.5, 0.35, 0.01],
+        "top1_agreement": [0.5, 0.6, 0.8, 0.9, 0.4, 0.7, 0.75, 0.99],
+    })
+    s = proxy_correlation(rows)
+    assert s["rho_mass_vs_kl"] == 1.0 and s["rho_mass_vs_top1_loss"] == 1.0 and s["n_points"] == 8
+    assert s["per_trace"] == {"a": 1.0, "b": 1.0}

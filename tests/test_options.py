@@ -37,8 +37,8 @@ def test_every_declared_option_reaches_replay_compare_and_sweep() -> None:
     assert {"--mode", "--hbm-budget", "--kv-type", "--geometry", "--prefetch", "--swa-full"} <= declared
     assert declared <= _flags("replay") and declared <= _flags("compare")
     axes = {f.metadata["flag"] for f in cli_fields() if f.metadata["axis"]}
-    assert axes == {"--hbm-budget", "--kv-type"}
-    assert declared - axes <= _flags("sweep") and {"--hbm-budget", "--kv-types"} <= _flags("sweep")
+    assert axes == {"--hbm-budget", "--kv-type", "--mode", "--block-budget"}
+    assert declared - axes <= _flags("sweep") and {"--hbm-budget", "--kv-types", "--mode", "--block-budget"} <= _flags("sweep")
     assert "--policy-param" in _flags("replay") & _flags("compare") & _flags("sweep")
 
 

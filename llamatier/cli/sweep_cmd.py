@@ -28,6 +28,16 @@ def sweep(
     steps: int = typer.Option(10, "--steps", help="Points per budget range A..B (ends included)."),
     kv_types: str = typer.Option(None, "--kv-types", help="Comma-separated GGUF KV types, K/V or one type (default: the trace's)."),
     profiles: str = typer.Option("a100-40g", "--profiles", help="Comma-separated hardware profiles (names or TOML paths)."),
+    mode: str = typer.Option("lossless", "--mode", help="lossless (every visible block read) or sparse (--block-budget)."),
+    block_budget: str = typer.Option(
+        None, "--block-budget",
+        help="Sparse mode: blocks read (kept) per layer per decode step; a list sweeps them, e.g. 4,8,16.",
+    ),
+    quality: Path = typer.Option(
+        None, "--quality",
+        help="Sparse mode: add the accuracy `llamatier quality --evict --out DIR` measured on this trace (DIR) to each "
+        "policy and block budget; the table and plot become the latency-accuracy frontier.",
+    ),
     policy_param: list[str] = typer.Option(
         None, "--policy-param",
         help="Policy parameter values to sweep, repeatable: POLICY.KEY=V1,V2,... or KEY=V1,V2 (every policy that "
@@ -38,7 +48,9 @@ def sweep(
         "processes", "--executor", help=f"Where the cells run: {EXECUTORS.help_names()}."
     ),
     out: Path = typer.Option(Path("sweep.parquet"), "--out", "-o", help="Parquet file for the rows (one per cell)."),
-    plot: Path = typer.Option(None, "--plot", help="Also draw p99 latency vs HBM budget to FILE.png or FILE.svg."),
+    plot: Path = typer.Option(
+        None, "--plot", help="Also draw p99 latency vs HBM budget (with --quality: vs measured KL) to FILE.png or FILE.svg."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of tables."),
     force: bool = typer.Option(False, "--force", help="Replace an existing sweep result at --out."),
     *,
@@ -60,6 +72,7 @@ def sweep(
         check_jobs,
         check_out_path,
         make_cells,
+        parse_block_budgets,
         parse_budgets,
         rows_frame,
         run_cells,
@@ -68,6 +81,13 @@ def sweep(
 
     check_out_path(out, overwrite=force)
     check_jobs(jobs)
+    measured = None
+    if quality is not None:
+        from llamatier.quality import load_eviction_rows
+
+        if mode != "sparse":
+            raise LlamatierError("--quality adds measured eviction accuracy to sparse cells: add --mode sparse --block-budget N,...")
+        measured = load_eviction_rows(quality)
     EXECUTORS.canonical(executor)  # a typo fails here, listing the valid names
     if plot is not None:
         from llamatier.plots import check_plot_path
@@ -77,7 +97,8 @@ def sweep(
     params = parse_policy_params(policy_param, pols, lists=True) if policy_param else None
     cells = make_cells(
         trace, policies=pols, budgets=parse_budgets(hbm_budget, steps=steps), profiles=profiles,
-        kv_types=kv_types, policy_params=params, options=options,
+        kv_types=kv_types, policy_params=params, options=options, mode=mode,
+        block_budgets=parse_block_budgets(block_budget),
     )
     with Progress(
         TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
@@ -94,11 +115,16 @@ def sweep(
     errors = df.filter(df["error"].is_not_null())
     if errors.height == df.height:
         raise LlamatierError(f"no sweep cell could be replayed: {errors['error'][0]}")
+    if measured is not None:
+        from llamatier.sweep import join_measured
+        from llamatier.sweep.cells import _trace
+
+        df = join_measured(df, measured, _trace(str(trace)))
     write_results(df, out)
     if plot is not None:
-        from llamatier.plots import plot_sweep, save_figure
+        from llamatier.plots import plot_frontier, plot_sweep, save_figure
 
-        save_figure(plot_sweep(df), plot)
+        save_figure(plot_frontier(df) if measured is not None else plot_sweep(df), plot)
     if errors.height:
         err_console.print(
             f"[yellow]warning:[/] {errors.height} of {df.height} cells could not be replayed "
@@ -108,7 +134,10 @@ def sweep(
     if json_out:
         print_json({"out": str(out), "plot": str(plot) if plot else None, "rows": df.to_dicts()})
         return
-    _print_tables(df)
+    if measured is not None:
+        _print_frontier(df)
+    else:
+        _print_tables(df)
     for note in df["notes"].drop_nulls().unique(maintain_order=True):
         console.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)
     console.print(f"[green]wrote[/] {df.height} rows to [bold]{out}[/]" + (f"; plot [bold]{plot}[/]" if plot else ""))
@@ -133,3 +162,33 @@ def _print_tables(df) -> None:  # noqa: ANN001 - polars DataFrame
             ]
             table.add_row(label, format_bytes(nbytes) if nbytes is not None else "", *shown)
         console.print(table)
+
+
+def _print_frontier(df) -> None:  # noqa: ANN001 - polars DataFrame
+    import polars as pl
+    from rich.table import Table
+
+    from llamatier.sweep import frontier_table
+
+    ft = frontier_table(df)
+    unmeasured = pl.col("measured_mean_kl").is_null() & pl.col("error").is_null()
+    missing = df.filter(unmeasured).select("policy", "block_budget").unique().rows()
+    for (prof, kv, hbm), g in ft.group_by(["profile", "kv_type", "hbm_budget"], maintain_order=True):
+        console.print(
+            f"[bold]{prof}, KV {kv}, HBM budget {hbm}[/]: modelled p99 latency beside accuracy measured in llama.cpp",
+            highlight=False,
+        )
+        table = Table()
+        for col in ("policy", "blocks kept", "p99 (ms)", "mass dropped", "mean KL", "p99 KL", "top-1", "ΔPPL"):
+            table.add_column(col, justify="left" if col == "policy" else "right")
+        for r in g.iter_rows(named=True):
+            table.add_row(
+                r["policy"], str(r["block_budget"]), f"{r['p99_s'] * 1e3:.3f}", f"{r['dropped_mass_mean']:.3f}",
+                f"{r['measured_mean_kl']:.3g}", f"{r['measured_p99_kl']:.3g}", f"{100 * r['measured_top1']:.1f}%",
+                f"{r['measured_ppl_change_pct']:+.1f}%",
+            )
+        console.print(table)
+    if missing:
+        shown = ", ".join(f"{p} k={b}" for p, b in sorted(missing)[:6])
+        err_console.print(f"[yellow]note:[/] no measured accuracy for {len(missing)} cells ({shown}); "
+                          "measure them with `llamatier quality --evict`", highlight=False, soft_wrap=True)

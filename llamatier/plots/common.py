@@ -20,6 +20,10 @@ POLICY_COLORS = {
     "lru": "#ff7f0e",
     "adaptive": "#2ca02c",
     "oracle": "#7f7f7f",
+    "streaming": "#1f77b4",
+    "h2o": "#9467bd",
+    "snapkv": "#8c564b",
+    "adaptive-select": "#17becf",
 }
 TIER_COLORS = {"hbm": "#1f77b4", "dram": "#ff7f0e", "ssd": "#9467bd", "remote": "#8c564b"}
 _EXTRA_COLORS = ("#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")

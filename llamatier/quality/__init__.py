@@ -21,6 +21,7 @@ from llamatier.quality.inputs import (
 )
 from llamatier.quality.measure import QualityResult, QualityRow, measure_quality
 from llamatier.quality.plan import EvictionPlan, plan_eviction
+from llamatier.quality.proxy import proxy_correlation, spearman
 from llamatier.quality.store import (
     LOOKUP_KEYS,
     eviction_to_dict,
@@ -51,8 +52,10 @@ __all__ = [
     "pair_storage",
     "parse_kv_pairs",
     "plan_eviction",
+    "proxy_correlation",
     "read_text_file",
     "result_to_dict",
     "save_eviction",
     "save_quality",
+    "spearman",
 ]

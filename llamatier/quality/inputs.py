@@ -107,11 +107,11 @@ def trace_prompt_text(trace: Any, prompt_file: str | Path | None = None) -> str:
     if prompt_file is not None:
         text, where = read_text_file(prompt_file, "--prompt-file"), f"--prompt-file {prompt_file}"
     elif source.startswith("builtin:"):
-        from llamatier.workloads import builtin_workload
+        from llamatier.demo import builtin_prompt
 
         if source != "builtin:workload.txt":
             raise LlamatierError(f"the trace's prompt is {source!r}, which this llamatier does not ship; give --prompt-file")
-        text, where = builtin_workload(), source
+        text, where = builtin_prompt(), source
     elif source.startswith("file:") and Path(source[5:]).is_file():
         text, where = read_text_file(source[5:], "--prompt-file"), source[5:]
     else:

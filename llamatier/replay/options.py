@@ -42,9 +42,10 @@ def geometry_help() -> str:
 class ReplayOptions:
     """How to replay a trace (every field has a default that reproduces the traced run)."""
 
-    mode: str = _option("lossless", "lossless (every visible block read) or sparse (--block-budget).", flag="--mode")
+    mode: str = _option(
+        "lossless", "lossless (every visible block read) or sparse (--block-budget).", flag="--mode", axis=True)
     block_budget: int | None = _option(
-        None, "Sparse mode: blocks read per layer per decode step.", flag="--block-budget", cli_type=int)
+        None, "Sparse mode: blocks read per layer per decode step.", flag="--block-budget", cli_type=int, axis=True)
     hbm_budget_bytes: int | None = _option(
         None, "KV allowed in HBM: a size (2GiB) or a percentage of the replay's peak KV (25%); "
         "default: HBM minus weights.", flag="--hbm-budget", axis=True)

@@ -15,11 +15,13 @@ from llamatier.sweep.executors import (
     SweepExecutor,
     default_jobs,
 )
+from llamatier.sweep.frontier import MEASURED_COLUMNS, frontier_table, join_measured
 from llamatier.sweep.runner import (
     SweepInterrupted,
     check_jobs,
     check_out_path,
     make_cells,
+    parse_block_budgets,
     read_results,
     rows_frame,
     run_cells,
@@ -29,6 +31,7 @@ from llamatier.sweep.runner import (
 from llamatier.sweep.tables import facet_tables
 
 __all__ = [
+    "MEASURED_COLUMNS",
     "ROW_SCHEMA",
     "BudgetPoint",
     "FuturesExecutor",
@@ -41,7 +44,10 @@ __all__ = [
     "check_out_path",
     "default_jobs",
     "facet_tables",
+    "frontier_table",
+    "join_measured",
     "make_cells",
+    "parse_block_budgets",
     "parse_budgets",
     "peak_kv_bytes",
     "read_results",

@@ -39,6 +39,7 @@ def make_cells(
     profiles: str | Sequence[str] = ("a100-40g",),
     kv_types: str | Sequence[str] | None = None,
     policy_params: dict[str, dict[str, Sequence[Any]]] | None = None,
+    block_budgets: int | str | Sequence[int] | None = None,
     options: ReplayOptions | None = None,
     **option_fields: Any,
 ) -> list[SweepCell]:
@@ -47,7 +48,8 @@ def make_cells(
     ``options`` (or ReplayOptions fields as keywords; ``geometry=NAME`` for a
     what-if target) apply to every cell; ``policy_params`` gives, per policy,
     the values of each constructor parameter to sweep (``{"adaptive":
-    {"decay": [0.5, 0.9]}}``). Bad names (policy, profile, KV type, geometry)
+    {"decay": [0.5, 0.9]}}``); ``block_budgets`` (sparse mode: one number of
+    blocks, several, or "4,8,16") is one more axis. Bad names (policy, profile, KV type, geometry)
     and bad options raise one LlamatierError here, in the calling process,
     not in a worker.
     """
@@ -76,15 +78,20 @@ def make_cells(
     geometry = option_fields.pop("geometry", None)
     if geometry:
         option_fields["target"] = _geometry(geometry)
+    blocks = parse_block_budgets(block_budgets)
+    if blocks[0] is not None:
+        option_fields["block_budget"] = blocks[0]
     base = replace(options or ReplayOptions(), **option_fields)  # option errors (mode, block budget, ...) surface here
     grids = {p: policy_param_grid(dict((policy_params or {}).get(p, {}))) for p in pols}
     for p in policy_params or {}:
         if POLICIES.canonical(p) not in pols:
             raise LlamatierError(f"parameters given for policy {p!r}, which the sweep does not run ({', '.join(pols)})")
     cells = [
-        SweepCell(trace_path=path, profile=prof, policy=pol, hbm_budget=b, options=_cell_options(base, kv, pol, combo))
+        SweepCell(trace_path=path, profile=prof, policy=pol, hbm_budget=b,
+                  options=_cell_options(base, kv, pol, combo, bb))
         for prof, kv, pol in itertools.product(profs, kvs, pols)
         for combo in grids[pol]
+        for bb in blocks
         for b in budgets
     ]
     if base.block_tokens is not None:
@@ -92,12 +99,32 @@ def make_cells(
     return cells
 
 
-def _cell_options(base: ReplayOptions, kv: str | None, policy: str, params: dict[str, Any]) -> ReplayOptions:
+def _cell_options(
+    base: ReplayOptions, kv: str | None, policy: str, params: dict[str, Any], block_budget: int | None = None
+) -> ReplayOptions:
     opts = replace(base, kv_type=kv) if kv is not None else base
+    if block_budget is not None:
+        opts = replace(opts, block_budget=block_budget)
     if params:
         merged = {**opts.policy_params, policy: {**opts.policy_params.get(policy, {}), **params}}
         opts = replace(opts, policy_params=merged)
     return opts
+
+
+def parse_block_budgets(spec: int | str | Sequence[int] | None) -> list[int | None]:
+    """Block budgets from 4, "4,8,16" or [4, 8]; [None] when none is given."""
+    if spec is None:
+        return [None]
+    items = spec.split(",") if isinstance(spec, str) else [spec] if isinstance(spec, int) else list(spec)
+    out: list[int | None] = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            out.append(int(item))
+        except (TypeError, ValueError):
+            raise LlamatierError(f"--block-budget {spec!r}: give whole numbers of blocks, e.g. 4,8,16") from None
+    return list(dict.fromkeys(out)) or [None]
 
 
 class SweepInterrupted(LlamatierError):

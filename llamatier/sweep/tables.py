@@ -10,21 +10,26 @@ _POLICY_ORDER = ("static", "lru", "adaptive", "oracle")
 
 
 def with_series(results: pl.DataFrame) -> pl.DataFrame:
-    """The rows with a ``series`` column: the policy, with its swept parameters when it has some."""
+    """The rows with a ``series`` column: the policy, with its swept parameters when it has some, and its
+    block budget when a sparse sweep crosses several ("h2o k=8")."""
     if "policy_params" not in results.columns:
-        return results.with_columns(pl.col("policy").alias("series"))
-    return results.with_columns(
-        pl.when(pl.col("policy_params").is_null())
-        .then(pl.col("policy"))
-        .otherwise(pl.concat_str([pl.col("policy"), pl.lit(" ("), pl.col("policy_params"), pl.lit(")")]))
-        .alias("series")
-    )
+        series = pl.col("policy")
+    else:
+        series = (
+            pl.when(pl.col("policy_params").is_null())
+            .then(pl.col("policy"))
+            .otherwise(pl.concat_str([pl.col("policy"), pl.lit(" ("), pl.col("policy_params"), pl.lit(")")]))
+        )
+    if "block_budget" in results.columns and results["block_budget"].drop_nulls().n_unique() > 1:
+        series = pl.concat_str([series, pl.lit(" k="), pl.col("block_budget").cast(pl.Utf8)])
+    return results.with_columns(series.alias("series"))
 
 
 def facet_tables(results: pl.DataFrame, *, metric: str = "p99_s") -> list[dict[str, Any]]:
     """Per (profile, KV type): ``policies`` and ``rows`` of (budget label, budget bytes, one cell per policy).
 
-    A policy swept over parameter values is one column per combination ("adaptive (decay=0.5)").
+    A policy swept over parameter values is one column per combination ("adaptive (decay=0.5)"),
+    over several block budgets one column per budget ("h2o k=8").
 
     A cell is the metric's value (seconds), ``"does not run"``, ``"error"``, or
     None when the sweep had no such cell.
