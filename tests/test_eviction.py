@@ -197,6 +197,18 @@ def test_budget_respected_and_current_position_never_dropped(case: tuple) -> Non
     assert (reads <= budget).all()
 
 
+@SETTINGS
+@given(case=eviction_case(), hbm_blocks=st.integers(0, 40))
+def test_placement_stays_within_every_tier_and_the_decisions_do_not_depend_on_it(case: tuple, hbm_blocks: int) -> None:
+    trace, policy, budget = case
+    opts = ReplayOptions(mode="sparse", block_budget=budget, hbm_budget_bytes=hbm_blocks * 16 * 1024)
+    r = replay(trace, _profile(), policy, opts)  # the engine raises if a tier goes over its budget
+    assert (r.record.occupancy_bytes <= r.capacity_bytes[None, :] + 1e-6).all()
+    assert (r.record.traffic.move_bytes >= 0).all()
+    free = replay(trace, _profile(), policy, replace(opts, hbm_budget_bytes=None))
+    np.testing.assert_array_equal(r.record.dropped_mass, free.record.dropped_mass)
+
+
 # -- the frontier (sweep + measured accuracy) and the proxy check ----------------------------
 
 

@@ -86,8 +86,9 @@ class EvictionPolicy(Policy):
     ``score(view)`` gives float [n_blocks], higher is kept; ``learn(step, mass)``
     sees each step's attention after it ran. Dropped blocks are discarded: in the
     replay they are accounted in the remote tier (never read, never moved, no
-    transfer charged), kept blocks stay where they were written (fastest tier
-    with room).
+    transfer charged). New blocks go to the fastest tier with room; kept blocks
+    move up into room the dropped ones freed (the most recent first, charged as
+    demand moves).
     """
 
     permanent: ClassVar[bool] = True
@@ -133,23 +134,44 @@ class EvictionPolicy(Policy):
         new2 = view.new_blocks & keep2
         old2 = keep2 & ~new2
         occ = np.bincount(P[old2].astype(np.int64), weights=self.sizes[old2], minlength=N_TIERS)
+        flat, sizes = P.ravel(), self.sizes.ravel()
         idx = np.flatnonzero(new2.ravel())
-        if idx.size:
-            flat, sizes = P.ravel(), self.sizes.ravel()
-            start = 0
-            for t in range(N_TIERS):
-                n = prefix_fit(sizes[idx[start:]], self.caps[t] - occ[t])
-                flat[idx[start : start + n]] = t
-                occ[t] += sizes[idx[start : start + n]].sum()
-                start += n
-            flat[idx[start:]] = REMOTE  # nothing left anywhere: the capacity check reports it
-        zero = np.zeros((N_TIERS, N_TIERS))
+        start = 0
+        for t in range(N_TIERS):
+            n = prefix_fit(sizes[idx[start:]], self.caps[t] - occ[t])
+            flat[idx[start : start + n]] = t
+            occ[t] += sizes[idx[start : start + n]].sum()
+            start += n
+        flat[idx[start:]] = REMOTE  # nothing left anywhere: the capacity check reports it
+        moves_bytes, moves_count = self._promote(flat, sizes, np.flatnonzero(old2.ravel()), occ, view.alive.shape[1])
         return StepDecision(
             placement=P,
             read_mask=keep2 & view.visible if view.decode else None,
-            moves_bytes=zero,
-            moves_count=zero,
+            moves_bytes=moves_bytes,
+            moves_count=moves_count,
         )
+
+    def _promote(
+        self, flat: np.ndarray, sizes: np.ndarray, kept: np.ndarray, occ: np.ndarray, n_blocks: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Move kept blocks up into room that dropped blocks freed (the most recent first); the moves made."""
+        mb = np.zeros((N_TIERS, N_TIERS))
+        mc = np.zeros((N_TIERS, N_TIERS))
+        for t in range(N_TIERS - 1):
+            up = kept[flat[kept] > t]
+            if up.size == 0:
+                continue
+            up = up[np.argsort(-(up % n_blocks), kind="stable")]
+            up = up[: prefix_fit(sizes[up], self.caps[t] - occ[t])]
+            if up.size == 0:
+                continue
+            src = flat[up].astype(np.int64)
+            np.add.at(mb, (src, t), sizes[up])
+            np.add.at(mc, (src, t), 1.0)
+            occ -= np.bincount(src, weights=sizes[up], minlength=N_TIERS)
+            occ[t] += sizes[up].sum()
+            flat[up] = t
+        return mb, mc
 
     def observe(self, view: StepView, mass: np.ndarray) -> None:
         self.learn(view.step, view.decode, mass.mean(axis=0, dtype=np.float64))
