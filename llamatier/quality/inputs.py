@@ -26,19 +26,19 @@ def default_text() -> str:
     return resources.files("llamatier").joinpath("data", DEFAULT_TEXT_NAME).read_text("utf-8")
 
 
-def read_text_file(path: str | Path, flag: str = "--text-file") -> str:
+def read_text_file(path: str | Path) -> str:
     """Read the user's evaluation text; a clear error when it is missing or unreadable."""
     p = Path(path)
     if not p.exists():
-        raise LlamatierError(f"text file not found: {p} (give a UTF-8 text file to {flag})")
+        raise LlamatierError(f"text file not found: {p} (give a UTF-8 text file to --text-file)")
     if p.is_dir():
-        raise LlamatierError(f"{flag} {p} is a directory; give a UTF-8 text file")
+        raise LlamatierError(f"--text-file {p} is a directory; give a UTF-8 text file")
     try:
         return p.read_text("utf-8")
     except UnicodeDecodeError:
         raise LlamatierError(f"{p} is not UTF-8 text; convert it to UTF-8 first") from None
     except OSError as exc:
-        raise LlamatierError(f"cannot read {flag} {p}: {exc.strerror or exc}") from None
+        raise LlamatierError(f"cannot read --text-file {p}: {exc.strerror or exc}") from None
 
 
 def parse_kv_pairs(spec: KVPairSpec) -> list[tuple[KVType, KVType]]:
@@ -101,19 +101,19 @@ def trace_prompt_text(trace: Any, prompt_file: str | Path | None = None) -> str:
     Built-in prompts are found by name, a ``file:PATH`` prompt at PATH when it still
     exists; otherwise (or for a prompt given as an argument) pass ``prompt_file``.
     """
+    from llamatier.demo import builtin_prompt, read_prompt_file
+
     prompt = dict(trace.meta.get("prompt") or {})
     want = prompt.get("sha256")
     source = str(prompt.get("source") or "")
     if prompt_file is not None:
-        text, where = read_text_file(prompt_file, "--prompt-file"), f"--prompt-file {prompt_file}"
+        text, where = read_prompt_file(prompt_file), f"--prompt-file {prompt_file}"
     elif source.startswith("builtin:"):
-        from llamatier.demo import builtin_prompt
-
         if source != "builtin:workload.txt":
             raise LlamatierError(f"the trace's prompt is {source!r}, which this llamatier does not ship; give --prompt-file")
         text, where = builtin_prompt(), source
     elif source.startswith("file:") and Path(source[5:]).is_file():
-        text, where = read_text_file(source[5:], "--prompt-file"), source[5:]
+        text, where = read_prompt_file(source[5:]), source[5:]
     else:
         raise LlamatierError(
             f"the trace's prompt ({source or 'unknown source'}) is not stored in the trace: give the prompt text "
