@@ -83,4 +83,5 @@ def frontier_table(rows: pl.DataFrame) -> pl.DataFrame:
     return ok.select(
         "profile", "kv_type", "hbm_budget", "policy", "block_budget", "p99_s", "dropped_mass_mean",
         *MEASURED_COLUMNS,
-    ).sort(["profile", "kv_type", "hbm_budget", "p99_s", "measured_mean_kl"], maintain_order=True)
+        "hbm_budget_bytes",
+    ).sort(["profile", "kv_type", "hbm_budget_bytes", "p99_s", "measured_mean_kl"], maintain_order=True)
