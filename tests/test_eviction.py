@@ -263,3 +263,26 @@ def test_proxy_correlation_is_spearman() -> None:
     s = proxy_correlation(rows)
     assert s["rho_mass_vs_kl"] == 1.0 and s["rho_mass_vs_top1_loss"] == 1.0 and s["n_points"] == 8
     assert s["per_trace"] == {"a": 1.0, "b": 1.0}
+    from llamatier.plots import plot_proxy
+
+    fig = plot_proxy(rows)
+    assert "rho = 1.00 over 8 points" in fig._suptitle.get_text()
+
+
+def test_committed_gemma_results_match_their_proxy_figures() -> None:
+    """results/eviction: every row loads, nothing-dropped rows are exact, proxy.json is what the rows give."""
+    from llamatier.quality import proxy_correlation
+    from tests.conftest import REPO
+
+    base = REPO / "results" / "eviction"
+    rows, steps = [], []
+    for d in sorted(p.parent for p in base.glob("*/eviction.parquet")):
+        rows.append(load_eviction_rows(d).with_columns(pl.lit(d.name).alias("trace")))
+        steps.append(pl.read_parquet(d / "eviction_positions.parquet").with_columns(pl.lit(d.name).alias("trace")))
+    frame = pl.concat(rows, how="diagonal_relaxed")
+    assert frame.height >= 30 and frame["policy"].n_unique() >= 3 and frame["keep_blocks"].n_unique() >= 5
+    assert frame["trace"].n_unique() >= 2
+    saved = json.loads((base / "proxy.json").read_text())
+    fresh = proxy_correlation(frame, pl.concat(steps))
+    assert saved["rho_mass_vs_kl"] == pytest.approx(fresh["rho_mass_vs_kl"])
+    assert saved["steps"]["rho_mass_vs_kl"] == pytest.approx(fresh["steps"]["rho_mass_vs_kl"])
