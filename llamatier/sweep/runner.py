@@ -118,7 +118,7 @@ def parse_block_budgets(spec: int | str | Sequence[int] | None) -> list[int | No
     items = spec.split(",") if isinstance(spec, str) else [spec] if isinstance(spec, int) else list(spec)
     out: list[int | None] = []
     for item in items:
-        if isinstance(item, str) and not item.strip():
+        if item is None or (isinstance(item, str) and not item.strip()):
             continue
         try:
             out.append(int(item))
