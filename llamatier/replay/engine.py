@@ -372,15 +372,15 @@ def _run_fixed(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
     P = np.asarray(start.placement, dtype=np.int8)
     ever_alive = np.arange(NB)[None, :] < int(ctx.hi_block.max())
     _check_placement(ctx, policy, P, np.broadcast_to(ever_alive, (L, NB)), 0)
-    onehot = (P[None, :, :] == np.arange(4)[:, None, None]).astype(np.float64)  # [4, L, NB]
-    cum = np.zeros((4, L, NB + 1))
-    np.cumsum(onehot, axis=2, out=cum[:, :, 1:])
+    cum = np.zeros((4, L, NB + 1), dtype=np.int32)  # blocks of each tier before each column
+    for t in range(4):
+        np.cumsum(P == t, axis=1, dtype=np.int32, out=cum[t, :, 1:])
     lay = np.arange(L)[None, :]
     hi = np.broadcast_to(ctx.hi_block[:, None], (S, L))
     lo_v, lo_a = ctx.lo_visible, ctx.lo_alive
 
-    def range_sum(c: np.ndarray, lo: np.ndarray, up: np.ndarray) -> np.ndarray:  # -> [S, L, 4]
-        return np.moveaxis(c[:, lay, up] - c[:, lay, lo], 0, -1)
+    def range_sum(c: np.ndarray, lo: np.ndarray, up: np.ndarray) -> np.ndarray:  # -> float64 [S, L, 4]
+        return np.moveaxis(c[:, lay, up] - c[:, lay, lo], 0, -1).astype(np.float64)
 
     counts = range_sum(cum, lo_v, hi)
     bpt = ctx.bytes_per_token.astype(np.float64)
@@ -402,12 +402,16 @@ def _run_fixed(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
     for s in range(S):
         _write_counts(ctx, s, P, write_bytes[s], write_blocks[s])
 
-    cumb = cum * ctx.block_bytes[None, :, None]
-    stored = range_sum(cumb, lo_a, hi).sum(axis=1)
+    bb = ctx.block_bytes[None, :, None]  # whole numbers of bytes: the sums below are exact
+
+    def bytes_sum(lo: np.ndarray, up: np.ndarray) -> np.ndarray:  # -> [S, 4]
+        return (range_sum(cum, lo, up) * bb).sum(axis=1)
+
+    stored = bytes_sum(lo_a, hi)
     hi_prev = np.concatenate([np.zeros((1, L), dtype=np.int64), hi[:-1]])
     lo_a_prev = np.concatenate([np.zeros((1, L), dtype=np.int64), lo_a[:-1]])
-    alloc = range_sum(cumb, np.maximum(hi_prev, lo_a), np.maximum(hi_prev, hi)).sum(axis=1)
-    freed = range_sum(cumb, lo_a_prev, np.maximum(lo_a_prev, np.minimum(lo_a, hi_prev))).sum(axis=1)
+    alloc = bytes_sum(np.maximum(hi_prev, lo_a), np.maximum(hi_prev, hi))
+    freed = bytes_sum(lo_a_prev, np.maximum(lo_a_prev, np.minimum(lo_a, hi_prev)))
     reserved = np.zeros(4) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
     occupancy = stored if start.reserved_bytes is None else np.broadcast_to(reserved, stored.shape).copy()
     caps = capacity_of(ctx, start)
