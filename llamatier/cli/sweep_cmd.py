@@ -45,7 +45,8 @@ def sweep(
     ),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes (default: usable cores)."),
     executor: str = typer.Option(
-        "processes", "--executor", help=f"Where the cells run: {EXECUTORS.help_names()}."
+        "processes", "--executor",
+        help=f"Where the cells run: {EXECUTORS.help_names()}, local (= processes); dask:tcp://HOST:8786 uses a running Dask scheduler.",
     ),
     out: Path = typer.Option(Path("sweep.parquet"), "--out", "-o", help="Parquet file for the rows (one per cell)."),
     plot: Path = typer.Option(
@@ -78,6 +79,7 @@ def sweep(
         run_cells,
         write_results,
     )
+    from llamatier.sweep.executors import executor_spec
 
     check_out_path(out, overwrite=force)
     check_jobs(jobs)
@@ -88,7 +90,7 @@ def sweep(
         if mode != "sparse":
             raise LlamatierError("--quality adds measured eviction accuracy to sparse cells: add --mode sparse --block-budget N,...")
         measured = load_eviction_rows(quality)
-    EXECUTORS.canonical(executor)  # a typo fails here, listing the valid names
+    executor_spec(executor)  # a typo fails here, listing the valid names
     if plot is not None:
         from llamatier.plots import check_plot_path
 

@@ -21,6 +21,7 @@ from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile, load_profile
 from llamatier.replay.budgets import BudgetPoint
 from llamatier.replay.options import ReplayOptions, params_label
+from llamatier.sweep.shipping import resolve_trace
 from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.trace import Trace, load_trace
 
@@ -38,6 +39,7 @@ class SweepCell:
     policy: str
     hbm_budget: BudgetPoint = field(default_factory=BudgetPoint)
     options: ReplayOptions = field(default_factory=ReplayOptions)
+    trace_digest: str | None = None  # content hash: a worker elsewhere reads this very trace, or says it cannot
 
     def replay_options(self, hbm_budget_bytes: int | None = None) -> ReplayOptions:
         """This cell's options with the HBM budget given in bytes (None: the profile's)."""
@@ -199,7 +201,7 @@ def run_cell(cell: SweepCell) -> dict[str, Any]:
         runs=False,
     )
     try:
-        trace = _trace(cell.trace_path)
+        trace = _trace(resolve_trace(cell.trace_path, cell.trace_digest))
         row["traced_model"] = trace.model.name
         profile = _profile(cell.profile)
         ctx = prepare(trace, profile, cell.replay_options(None))

@@ -3,11 +3,13 @@
 A sweep executor takes a pure function and the cells, runs them wherever it
 likes, and yields ``(index, result)`` as each cell finishes (in any order).
 Because ``run_cell`` depends only on its cell, the rows are the same whatever
-runs them. Built-ins: ``serial`` (this process, one cell after another) and
-``processes`` (a pool of local worker processes). Others (a cluster, a batch
+runs them. Built-ins: ``serial`` (this process, one cell after another),
+``processes`` (a pool of local worker processes; also called ``local``) and
+``dask`` (a Dask cluster, :mod:`llamatier.sweep.cluster`). Others (a batch
 queue) register in :data:`llamatier.registry.EXECUTORS` or through the
 ``llamatier.executors`` entry-point group, and ``llamatier sweep --executor
-NAME`` picks them.
+NAME[:TARGET]`` picks them (TARGET, e.g. a scheduler address, goes to the
+executor's ``address`` parameter).
 """
 
 from __future__ import annotations
@@ -149,3 +151,26 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     for proc in list(processes.values()):
         if proc.is_alive():
             proc.terminate()
+
+
+EXECUTORS.alias("local", "processes", deprecated=False)
+
+
+def executor_spec(spec: str) -> tuple[str, str | None]:
+    """``NAME`` or ``NAME:TARGET`` (``dask:tcp://host:8786``) -> (registered name, target or None)."""
+    name, sep, target = str(spec).partition(":")
+    return EXECUTORS.canonical(name), (target.strip() or None) if sep else None
+
+
+def make_executor(spec: str, jobs: int | None = None) -> SweepExecutor:
+    """The executor ``spec`` names, for ``jobs`` workers; a target it cannot take is one error."""
+    name, target = executor_spec(spec)
+    if target is None:
+        return EXECUTORS.create(name, jobs=jobs)
+    cls = EXECUTORS.get(name)
+    if not getattr(cls, "uses_address", False):
+        raise LlamatierError(f"--executor {name} takes no address (got {spec!r}); e.g. --executor dask:tcp://HOST:8786")
+    return EXECUTORS.create(name, jobs=jobs, address=target)
+
+
+from llamatier.sweep import cluster  # noqa: E402, F401 - registers the dask executor

@@ -18,7 +18,7 @@ from llamatier.replay import DEFAULT_POLICIES
 from llamatier.replay.budgets import BudgetPoint
 from llamatier.replay.options import ReplayOptions, policy_param_grid
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, _geometry, _profile, _trace, run_cell
-from llamatier.sweep.executors import FuturesExecutor, SweepExecutor
+from llamatier.sweep.executors import FuturesExecutor, SweepExecutor, make_executor
 
 ProgressFn = Callable[[int, int], None]  # (cells done, cells total)
 
@@ -151,9 +151,9 @@ def run_cells(
 ) -> list[dict[str, Any]]:
     """Run every cell; rows come back in cell order, each with its ``cell`` index.
 
-    ``executor``: a registered executor name (``serial``, ``processes``, or a
-    plug-in's), a :class:`SweepExecutor`, or any ``concurrent.futures.Executor``
-    (used, not shut down). Default: ``processes`` with ``jobs`` workers
+    ``executor``: a registered executor name (``serial``, ``processes``, ``dask``
+    or a plug-in's; ``dask:tcp://HOST:8786`` for a running scheduler), a
+    :class:`SweepExecutor`, or any ``concurrent.futures.Executor`` (used, not shut down). Default: ``processes`` with ``jobs`` workers
     (default: usable cores); ``jobs=1`` runs the cells in this process.
     """
     n = len(cells)
@@ -179,6 +179,8 @@ def _executor(executor: str | SweepExecutor | Executor | None, jobs: int | None)
         executor = "processes"
     if isinstance(executor, Executor):
         return FuturesExecutor(executor)
+    if isinstance(executor, str):
+        return make_executor(executor, jobs)
     return EXECUTORS.create(executor, jobs=jobs)
 
 
