@@ -82,24 +82,24 @@ def _check_capacity(caps: np.ndarray, policy: Policy, occ: np.ndarray, step: int
 def _write_counts(ctx: ReplayContext, s: int, tiers_of: np.ndarray | int, wb: np.ndarray, wn: np.ndarray) -> None:
     """Add step s's new K/V (positions pos0..ctx-1) to wb/wn [L, 4], by the tier of each written block.
 
-    ``tiers_of``: the tier of each (layer, block), or one tier for every block.
+    ``tiers_of``: the tier of each (layer, block), or one tier for every block. Byte counts are
+    whole numbers, so adding them all at once gives the same floats as block by block.
     """
     B = ctx.block_tokens
     p0, p1 = int(ctx.pos0[s]), int(ctx.ctx_tokens[s])
     if p1 <= p0:
         return
     lay = np.arange(ctx.n_layers)
-    one = np.full(ctx.n_layers, int(tiers_of)) if isinstance(tiers_of, (int, np.integer)) else None
-    if p1 - p0 == 1:  # a decode step: one token into one block per layer
-        t = one if one is not None else tiers_of[:, p0 // B]
-        wb[lay, t] += ctx.bytes_per_token
-        wn[lay, t] += 1
+    b0, b1 = p0 // B, (p1 - 1) // B + 1
+    blocks = np.arange(b0, b1)
+    tok = np.minimum(p1, (blocks + 1) * B) - np.maximum(p0, blocks * B)  # tokens written into each block
+    if isinstance(tiers_of, (int, np.integer)):
+        wb[:, int(tiers_of)] += int(tok.sum()) * ctx.bytes_per_token
+        wn[:, int(tiers_of)] += blocks.size
         return
-    for b in range(p0 // B, (p1 - 1) // B + 1):
-        tok = min(p1, (b + 1) * B) - max(p0, b * B)
-        t = one if one is not None else tiers_of[:, b].astype(np.int64)
-        wb[lay, t] += tok * ctx.bytes_per_token
-        wn[lay, t] += 1
+    t = tiers_of[:, b0:b1].astype(np.int64)
+    np.add.at(wb, (lay[:, None], t), tok[None, :] * ctx.bytes_per_token[:, None])
+    np.add.at(wn, (lay[:, None], t), 1)
 
 
 def _edge_corrections(ctx: ReplayContext, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
