@@ -16,7 +16,7 @@ from llamatier.sweep import make_cells, parse_budgets, rows_frame, run_cells
 from llamatier.sweep.cluster import DaskExecutor
 from llamatier.sweep.shipping import resolve_trace, shipped_dir, trace_digest
 from tests.conftest import COMMITTED_GEMMA_TRACE, assert_one_line_error
-from tests.test_cli_errors import cli
+from tests.conftest import run_cli as cli
 
 TIMINGS = ["cell_wall_s", "replay_wall_s", "decision_s"]  # wall-clock measurements differ run to run
 
@@ -72,9 +72,7 @@ def test_trace_goes_to_workers_that_cannot_read_it(scheduler: str, tmp_path: Pat
 
 
 def test_trace_too_big_to_ship_is_one_error(scheduler: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    shutil.copytree(COMMITTED_GEMMA_TRACE, tmp_path / "big")
-    meta = tmp_path / "big" / "meta.json"
-    meta.write_text(meta.read_text().replace("{", '{"copy": true,', 1))  # other content: not shipped before
+    shutil.copytree(COMMITTED_GEMMA_TRACE.with_name("gemma3-270m-32k"), tmp_path / "big")  # not shipped before
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dask_cluster, "SHIP_LIMIT_BYTES", 1000)
     with pytest.raises(LlamatierError, match="cannot read trace big and it is too big to send") as exc:
