@@ -46,7 +46,7 @@ def test_every_family_lists_its_builtins() -> None:
     assert set(FAMILIES) == {"policies", "serving-policies", "executors", "engines"}
     assert {"static", "lru", "adaptive", "oracle"} <= set(POLICIES.names())
     assert {"llamacpp-server", "vllm-lru", "vllm-arc", "session-tiering"} <= set(SERVING_POLICIES.names())
-    assert {"serial", "processes"} <= set(EXECUTORS.names())
+    assert {"serial", "processes", "dask"} <= set(EXECUTORS.names())
     assert {f.entry_point_group for f in FAMILIES.values()} == {
         "llamatier.policies", "llamatier.serving_policies", "llamatier.executors", "llamatier.engines"
     }
@@ -57,7 +57,7 @@ def test_every_family_lists_its_builtins() -> None:
     [
         (POLICIES, "adaptiv", "unknown policy 'adaptiv': valid policies are adaptive, adaptive-select, h2o, lru, oracle, snapkv, static, streaming"),
         (SERVING_POLICIES, "vllm-lfu", "unknown serving policy 'vllm-lfu': valid serving policies are llamacpp-server"),
-        (EXECUTORS, "slurm", "unknown sweep executor 'slurm': valid sweep executors are processes, serial"),
+        (EXECUTORS, "slurm", "unknown sweep executor 'slurm': valid sweep executors are dask, processes, serial"),
     ],
 )
 def test_a_typo_lists_the_valid_names(family: Registry, typo: str, message: str) -> None:
