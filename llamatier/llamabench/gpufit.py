@@ -35,7 +35,7 @@ from llamatier.hardware.gpumodel import (
 )
 from llamatier.kvtypes import kv_type
 from llamatier.llamabench.models import find_gpu_spec, gpu_spec, row_model, weight_class
-from llamatier.llamabench.reader import format_test, throughput_error
+from llamatier.llamabench.reader import RowsFit, format_test
 from llamatier.target import TargetModel
 
 
@@ -132,15 +132,9 @@ def gpu_rows(df: pl.DataFrame, *, geometry: str | None = None,
 
 
 @dataclass(frozen=True)
-class GpuFit:
-    model: GpuStepModel
+class GpuFit(RowsFit):
     rows: tuple[GpuRow, ...]
-    predicted_s: np.ndarray
-
-    @property
-    def rel_error(self) -> np.ndarray:
-        """Error of the predicted throughput per row (predicted t/s / measured t/s - 1)."""
-        return throughput_error([r.measured_s for r in self.rows], self.predicted_s)
+    model: GpuStepModel
 
 
 def _design(rows: Sequence[GpuRow], terms: Sequence[str]) -> np.ndarray:

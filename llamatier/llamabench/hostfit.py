@@ -26,7 +26,7 @@ import polars as pl
 from llamatier.calibrate import nnls
 from llamatier.errors import LlamatierError
 from llamatier.hardware.hostmodel import HostComputeModel, attended_cells, design_matrix
-from llamatier.llamabench.reader import format_test, throughput_error
+from llamatier.llamabench.reader import RowsFit, format_test
 
 PAD = 256  # llama.cpp pads attended cells to 256 (llama-kv-cache.cpp get_n_kv)
 
@@ -133,15 +133,9 @@ def default_bench_terms(rows: Sequence[HostRow]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class BenchHostFit:
-    model: HostComputeModel
+class BenchHostFit(RowsFit):
     rows: tuple[HostRow, ...]
-    predicted_s: np.ndarray
-
-    @property
-    def rel_error(self) -> np.ndarray:
-        """Error of the predicted throughput per row (predicted t/s / measured t/s - 1)."""
-        return throughput_error([r.measured_s for r in self.rows], self.predicted_s)
+    model: HostComputeModel
 
 
 def fit_host_from_bench(rows: Sequence[HostRow], *, model_name: str, weight_bytes: int = 0,

@@ -25,6 +25,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,19 @@ def format_test(n_prompt: int, n_gen: int, n_depth: int) -> str:
 def throughput_error(measured_s: Sequence[float] | np.ndarray, predicted_s: np.ndarray) -> np.ndarray:
     """Error of predicted throughput per test (predicted t/s / measured t/s - 1), from test times."""
     return np.asarray(measured_s, dtype=np.float64) / np.asarray(predicted_s, dtype=np.float64) - 1.0
+
+
+@dataclass(frozen=True)
+class RowsFit:
+    """A fit's rows (each with a measured test time, ``measured_s``) and its predicted times."""
+
+    rows: tuple[Any, ...]
+    predicted_s: np.ndarray
+
+    @property
+    def rel_error(self) -> np.ndarray:
+        """Error of the predicted throughput per row (predicted t/s / measured t/s - 1)."""
+        return throughput_error([r.measured_s for r in self.rows], self.predicted_s)
 
 
 def _parse_size(text: str) -> int:
