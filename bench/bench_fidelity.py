@@ -2,7 +2,7 @@
 
 Reports median and p95 absolute percentage error of predicted llama_decode
 times per phase on held-out traces (other prompts, context lengths, KV types
-and thread counts than the fit saw). Goal (issue 5): decode median <= 3% and
+and thread counts than the fit saw). Goal: decode median <= 3% and
 p95 <= 10%. Also predicts the capture-off twin of a traced run to show how
 much the attention capture itself adds to measured step times.
 

@@ -1,4 +1,4 @@
-"""Record the calibration trace set under traces/calib/ (issue 5).
+"""Record the calibration trace set under traces/calib/ (the fidelity check, docs/accuracy.md).
 
 Gemma 3 270M Q4_K_M, prompts of 256 to 4,600 tokens from five different texts,
 K cache f16 and q8_0 (V f16: a quantized V cache cannot be captured), 1 and 2

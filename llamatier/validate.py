@@ -25,7 +25,7 @@ from llamatier.hardware import Profile, load_profile, pad_kv_cells
 from llamatier.trace import load_trace
 
 PHASES = ("prefill", "decode")
-GOAL_DECODE_MEDIAN_APE = 0.03  # issue 5: median <= 3% on held-out decode steps
+GOAL_DECODE_MEDIAN_APE = 0.03  # the fidelity goal: median <= 3% on held-out decode steps
 GOAL_DECODE_P95_APE = 0.10  # and p95 <= 10%
 
 

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from llamatier.errors import LlamatierError
 from llamatier.policies import get_policy
 from llamatier.quality import load_eviction_rows, measure_eviction, plan_eviction, save_eviction
 from llamatier.replay import ReplayOptions, replay
-from llamatier.replay.synthetic import synthetic_trace
 from llamatier.trace import load_trace
 from llamatier.trace.chunks import ArrayMassSource
 from tests.conftest import TINY_PROMPT, assert_one_line_error, run_cli, trace_model
+from tests.strategies import eviction_case, slow_settings
 
 POLICIES = ["streaming", "h2o", "snapkv", "adaptive-select"]
 N_STEPS = 24  # scored decode steps in the llama.cpp tests
@@ -143,28 +143,11 @@ def _profile():  # noqa: ANN202
     return load_profile("a100-40g")
 
 
-@st.composite
-def eviction_case(draw):  # noqa: ANN001, ANN201
-    block = draw(st.sampled_from([4, 8, 16]))
-    window = draw(st.sampled_from([0, 16, 40]))
-    trace = synthetic_trace(
-        n_layers=draw(st.integers(1, 3)),
-        n_prompt=draw(st.integers(1, 90)),
-        n_decode=draw(st.integers(2, 24)),
-        block_tokens=block,
-        sliding_window=window,
-        swa_pattern=2 if window else 0,
-        prefill_chunk=draw(st.sampled_from([None, 16, 32])),
-        seed=draw(st.integers(0, 2**16)),
-    )
-    return trace, draw(st.sampled_from(POLICIES)), draw(st.integers(2, 9))
-
-
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = slow_settings(60)
 
 
 @SETTINGS
-@given(case=eviction_case(), cut=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+@given(case=eviction_case(POLICIES), cut=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_choices_at_a_step_depend_only_on_earlier_steps(case: tuple, cut: float, seed: int) -> None:
     trace, policy, budget = case
     t = int(cut * (trace.n_steps - 1))
@@ -179,7 +162,7 @@ def test_choices_at_a_step_depend_only_on_earlier_steps(case: tuple, cut: float,
 
 
 @SETTINGS
-@given(case=eviction_case())
+@given(case=eviction_case(POLICIES))
 def test_budget_respected_and_current_position_never_dropped(case: tuple) -> None:
     trace, policy, budget = case
     plan = plan_eviction(trace, policy, budget)
@@ -198,7 +181,7 @@ def test_budget_respected_and_current_position_never_dropped(case: tuple) -> Non
 
 
 @SETTINGS
-@given(case=eviction_case(), hbm_blocks=st.integers(0, 40))
+@given(case=eviction_case(POLICIES), hbm_blocks=st.integers(0, 40))
 def test_placement_stays_within_every_tier_and_the_decisions_do_not_depend_on_it(case: tuple, hbm_blocks: int) -> None:
     trace, policy, budget = case
     opts = ReplayOptions(mode="sparse", block_budget=budget, hbm_budget_bytes=hbm_blocks * 16 * 1024)

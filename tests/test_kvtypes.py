@@ -13,7 +13,7 @@ from llamatier.model import KVGeometry
 
 @pytest.fixture(scope="module")
 def ggml():
-    """ggml functions resolved through the library handle llama.cpp itself uses (DESIGN.md section 3)."""
+    """ggml functions resolved through the library handle llama.cpp itself uses (docs/llamacpp.md)."""
     from llama_cpp import llama_cpp as low
 
     lib = low._lib

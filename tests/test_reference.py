@@ -2,75 +2,17 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from llamatier.hardware import load_profile
 from llamatier.policies import CapacityExhausted
 from llamatier.policies.lru_reference import ReferenceLRU
 from llamatier.replay import ReplayOptions, replay
 from llamatier.replay.reference import replay_reference
 from llamatier.replay.synthetic import synthetic_trace
-
-PROFILES = ("a100-40g", "t4", "cpu-host")
-
-
-@cache
-def profile(name: str):  # noqa: ANN201
-    return load_profile(name)
-
-
-@st.composite
-def replay_case(draw: st.DrawFn) -> tuple:
-    n_layers = draw(st.integers(1, 3))
-    block_tokens = draw(st.sampled_from([4, 8, 16]))
-    n_prompt = draw(st.integers(1, 70))
-    n_decode = draw(st.integers(0, 12))
-    window = draw(st.sampled_from([0, 0, 8, 20, 33]))
-    trace = synthetic_trace(
-        n_layers=n_layers,
-        n_prompt=n_prompt,
-        n_decode=n_decode,
-        block_tokens=block_tokens,
-        sliding_window=window,
-        swa_pattern=draw(st.sampled_from([0, 2])),
-        prefill_chunk=draw(st.sampled_from([None, 16, 25])),
-        n_ctx=n_prompt + n_decode + draw(st.sampled_from([0, 0, 40])),
-        seed=draw(st.integers(0, 10_000)),
-    )
-    kv_token = 2 * 2 * 64 * 2 * n_layers  # K+V, 2 KV heads, head dim 64, f16 bytes, all layers
-    total = kv_token * (n_prompt + n_decode)
-    sparse = draw(st.sampled_from([False, False, True]))
-    opts = ReplayOptions(
-        hbm_budget_bytes=int(draw(st.sampled_from([0.0, 0.1, 0.3, 0.6, 1.0, 3.0])) * total),
-        dram_budget_bytes=draw(st.sampled_from([None, None, int(0.2 * total)])),
-        mode="sparse" if sparse else "lossless",
-        block_budget=draw(st.integers(1, 4)) if sparse else None,
-        swa_full=draw(st.booleans()),
-        kv_type=draw(st.sampled_from([None, "q8_0", "q4_0/f16"])),
-        static_mode=draw(st.sampled_from(["nkvo", "layers"])),
-        dram_reads=draw(st.sampled_from(["auto", "host", "fetch"])),
-        prefetch=draw(st.booleans()),
-    )
-    return trace, profile(draw(st.sampled_from(PROFILES))), opts
-
-
-def assert_same(fast, slow) -> None:  # noqa: ANN001
-    assert fast.runs == slow.runs and fast.verdict == slow.verdict
-    if not fast.runs:
-        return
-    a, b = fast.record, slow.record
-    for name in ("read_bytes", "read_blocks", "read_tokens", "write_bytes", "write_blocks", "move_bytes", "move_count"):
-        np.testing.assert_allclose(getattr(a.traffic, name), getattr(b.traffic, name), rtol=1e-12, atol=1e-6, err_msg=name)
-    for name in ("occupancy_bytes", "stored_bytes", "alloc_bytes", "freed_bytes", "dropped_mass", "visible_blocks"):
-        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-6, err_msg=name)
-    for name in ("step_s", "compute_s", "host_layers_s", "hbm_s", "host_attention_s", "link_s", "link_bytes",
-                 "energy_weights_j", "energy_kv_j", "energy_transfer_j", "energy_compute_j"):
-        np.testing.assert_allclose(getattr(fast.costs, name), getattr(slow.costs, name), rtol=1e-9, atol=1e-15, err_msg=name)
+from tests.strategies import assert_same, profile, replay_case, slow_settings
 
 
 def run_both(trace, prof, policy, opts, reference_policy=None):  # noqa: ANN001, ANN201
@@ -83,7 +25,7 @@ def run_both(trace, prof, policy, opts, reference_policy=None):  # noqa: ANN001,
     return fast, replay_reference(trace, prof, reference_policy or policy, opts)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@slow_settings(150)
 @given(case=replay_case(), policy=st.sampled_from(["static", "adaptive", "oracle"]))
 def test_vectorised_engine_matches_reference(case: tuple, policy: str) -> None:
     trace, prof, opts = case
@@ -93,7 +35,7 @@ def test_vectorised_engine_matches_reference(case: tuple, policy: str) -> None:
         assert_same(fast, slow)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@slow_settings(150)
 @given(case=replay_case())
 def test_vectorised_lru_matches_per_access_reference(case: tuple) -> None:
     """The vectorised LRU (fast path and its sparse fallback) equals LRU simulated access by access."""

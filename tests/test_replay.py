@@ -23,7 +23,7 @@ from llamatier.target import (
     resolve_geometry,
 )
 from tests.conftest import assert_one_line_error, run_cli, trace_model
-from tests.test_reference import assert_same
+from tests.strategies import assert_same
 
 A100 = load_profile("a100-40g")
 POLICIES = ("static", "lru", "adaptive", "oracle")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from llamatier.policies import CapacityExhausted
 from llamatier.replay import replay
-from tests.test_reference import profile, replay_case
+from tests.strategies import profile, replay_case, slow_settings
 
-SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = slow_settings(80)
 POLICIES = ["static", "lru", "adaptive", "oracle"]
 
 

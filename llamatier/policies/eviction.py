@@ -32,7 +32,7 @@ Scores aggregate layers by their mean mass. Ties go to the more recent block.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from llamatier.errors import LlamatierError
 from llamatier.policies.adaptive import AdaptivePolicy, prefix_fit
 from llamatier.policies.base import Policy, StartDecision, StepDecision, StepView, register_policy
 from llamatier.tiers import ABSENT, N_TIERS, REMOTE
+
+if TYPE_CHECKING:
+    from llamatier.replay.context import ReplayContext
 
 MIN_KEEP_BLOCKS = 2  # the new token's block and the previous token's
 
@@ -94,7 +97,7 @@ class EvictionPolicy(Policy):
     permanent: ClassVar[bool] = True
     layer_uniform: ClassVar[bool] = True
 
-    def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
+    def start(self, ctx: ReplayContext) -> StartDecision:
         self.budget = check_sparse_budget(ctx, self.name)
         L, NB = ctx.n_layers, ctx.n_blocks
         self.block_tokens = int(ctx.block_tokens)
@@ -110,7 +113,7 @@ class EvictionPolicy(Policy):
             "(accounted in remote, never read or moved)",
         )
 
-    def reset(self, ctx) -> None:  # noqa: ANN001, B027 - optional hook
+    def reset(self, ctx: ReplayContext) -> None:  # noqa: B027 - optional hook
         """Set up per-replay state."""
 
     def learn(self, step: int, decode: bool, mass: np.ndarray) -> None:  # noqa: B027 - optional hook
@@ -208,7 +211,7 @@ class H2OPolicy(EvictionPolicy):
     def params(self) -> dict[str, Any]:
         return {"recent_blocks": self._recent if hasattr(self, "_recent") else self.recent_blocks}
 
-    def reset(self, ctx) -> None:  # noqa: ANN001
+    def reset(self, ctx: ReplayContext) -> None:
         self._recent = self.recent_blocks if self.recent_blocks is not None else self.budget // 2
         self.acc = np.zeros(ctx.n_blocks, dtype=np.float64)
 
@@ -234,7 +237,7 @@ class SnapKVPolicy(EvictionPolicy):
     def params(self) -> dict[str, Any]:
         return {"window_blocks": self._window if hasattr(self, "_window") else self.window_blocks}
 
-    def reset(self, ctx) -> None:  # noqa: ANN001
+    def reset(self, ctx: ReplayContext) -> None:
         self._window = self.window_blocks if self.window_blocks is not None else max(1, self.budget // 4)
         self.obs = np.zeros(ctx.n_blocks, dtype=np.float64)
         self.prompt_blocks = 0
@@ -260,7 +263,7 @@ class AdaptiveSelectPolicy(AdaptivePolicy):
     permanent: ClassVar[bool] = False
     layer_uniform: ClassVar[bool] = True
 
-    def start(self, ctx) -> StartDecision:  # noqa: ANN001
+    def start(self, ctx: ReplayContext) -> StartDecision:
         check_sparse_budget(ctx, self.name)
         self.block_tokens = int(ctx.block_tokens)
         self.pos0 = np.asarray(ctx.pos0)

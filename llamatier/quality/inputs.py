@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from llamatier import userfiles
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KV_TYPES, KVType, kv_type, parse_kv_pair
 from llamatier.model import KVGeometry
@@ -27,18 +28,8 @@ def default_text() -> str:
 
 
 def read_text_file(path: str | Path) -> str:
-    """Read the user's evaluation text; a clear error when it is missing or unreadable."""
-    p = Path(path)
-    if not p.exists():
-        raise LlamatierError(f"text file not found: {p} (give a UTF-8 text file to --text-file)")
-    if p.is_dir():
-        raise LlamatierError(f"--text-file {p} is a directory; give a UTF-8 text file")
-    try:
-        return p.read_text("utf-8")
-    except UnicodeDecodeError:
-        raise LlamatierError(f"{p} is not UTF-8 text; convert it to UTF-8 first") from None
-    except OSError as exc:
-        raise LlamatierError(f"cannot read --text-file {p}: {exc.strerror or exc}") from None
+    """Read the user's evaluation text; one-line errors when it is missing or unreadable."""
+    return userfiles.read_text_file(path, what="text file", give="a UTF-8 text file to --text-file")
 
 
 def parse_kv_pairs(spec: KVPairSpec) -> list[tuple[KVType, KVType]]:
