@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from llamatier.cli import app
 from llamatier.errors import LlamatierDeprecationWarning, LlamatierError
-from llamatier.registry import ENGINES, EXECUTORS, FAMILIES, POLICIES, SERVING_POLICIES, Registry
+from llamatier.registry import EXECUTORS, FAMILIES, POLICIES, SERVING_POLICIES, Registry
 from llamatier.sweep.executors import SweepExecutor
 from llamatier.tiers import (
     DOWN,
@@ -102,7 +102,7 @@ def test_a_class_of_the_wrong_kind_or_without_a_name_is_refused() -> None:
         EXECUTORS.register(Nameless)
 
 
-@pytest.mark.parametrize("family", [SERVING_POLICIES, EXECUTORS, ENGINES], ids=lambda f: f.entry_point_group)
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=lambda f: f.entry_point_group)
 def test_plugins_load_from_each_family_entry_point_group(family: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     base = family.base_class()
     if base is not None:

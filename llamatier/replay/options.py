@@ -27,9 +27,16 @@ MODES = ("lossless", "sparse")
 STATIC_MODES = ("nkvo", "layers")
 
 
-def _option(default: Any, help: str, *, flag: str | None = None, cli_type: type = str, axis: bool = False) -> Any:
-    """A field with its command-line flag (None: library only); ``axis``: sweep takes it as an axis of its own."""
-    return field(default=default, metadata={"flag": flag, "help": help, "cli_type": cli_type, "axis": axis})
+def _option(
+    default: Any, help: str, *, flag: str | None = None, cli_type: type = str, axis: bool = False,
+    column: str | None = None,
+) -> Any:
+    """A field with its command-line flag (None: library only) and the value's type there.
+
+    ``axis``: a sweep takes it as an axis of its own; ``column``: sweep rows record it in that column.
+    """
+    meta = {"flag": flag, "help": help, "cli_type": cli_type, "axis": axis, "column": column}
+    return field(default=default, metadata=meta)
 
 
 def geometry_help() -> str:
@@ -42,10 +49,19 @@ def geometry_help() -> str:
 class ReplayOptions:
     """How to replay a trace (every field has a default that reproduces the traced run)."""
 
+    kv_type: str | None = _option(
+        None, "Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0); default: the trace's.",
+        flag="--kv-type", axis=True, column="kv_type")
+    target: TargetModel | None = _option(None, "", flag="--geometry", column="geometry")  # help: geometry_help()
+    block_tokens: int | None = _option(
+        None, "Re-aggregate to coarser blocks (a multiple of the trace's).", flag="--block-tokens", cli_type=int,
+        column="block_tokens")
     mode: str = _option(
-        "lossless", "lossless (every visible block read) or sparse (--block-budget).", flag="--mode", axis=True)
+        "lossless", "lossless (every visible block read) or sparse (--block-budget).", flag="--mode", axis=True,
+        column="mode")
     block_budget: int | None = _option(
-        None, "Sparse mode: blocks read per layer per decode step.", flag="--block-budget", cli_type=int, axis=True)
+        None, "Sparse mode: blocks read per layer per decode step.", flag="--block-budget", cli_type=int, axis=True,
+        column="block_budget")
     hbm_budget_bytes: int | None = _option(
         None, "KV allowed in HBM: a size (2GiB) or a percentage of the replay's peak KV (25%); "
         "default: HBM minus weights.", flag="--hbm-budget", axis=True)
@@ -55,21 +71,18 @@ class ReplayOptions:
         flag="--dram-budget")
     ssd_budget_bytes: int | None = _option(None, "KV bytes allowed on SSD (default: SSD capacity).")
     remote_budget_bytes: int | None = _option(None, "KV bytes allowed in remote storage (default: its capacity).")
-    kv_type: str | None = _option(
-        None, "Re-cost with GGUF KV types: K/V (q8_0/f16) or one type (q4_0); default: the trace's.",
-        flag="--kv-type", axis=True)
-    target: TargetModel | None = _option(None, "", flag="--geometry")  # help: geometry_help()
-    block_tokens: int | None = _option(
-        None, "Re-aggregate to coarser blocks (a multiple of the trace's).", flag="--block-tokens", cli_type=int)
     static_mode: str = _option(
-        "nkvo", "static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split).", flag="--static-mode")
+        "nkvo", "static when KV does not fit HBM: nkvo (all on host) or layers (-ngl split).", flag="--static-mode",
+        column="static_mode")
     dram_reads: str = _option(
-        "auto", "adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer.", flag="--dram-reads")
+        "auto", "adaptive/oracle: DRAM KV attended on the host, fetched, or auto per layer.", flag="--dram-reads",
+        column="dram_reads")
     prefetch: bool = _option(
         False, "adaptive: migrations may hide in idle link time during compute.", flag="--prefetch/--no-prefetch",
-        cli_type=bool)
+        cli_type=bool, column="prefetch")
     swa_full: bool = _option(
-        False, "Keep every cell of sliding-window layers (llama.cpp --swa-full).", flag="--swa-full", cli_type=bool)
+        False, "Keep every cell of sliding-window layers (llama.cpp --swa-full).", flag="--swa-full", cli_type=bool,
+        column="swa_full")
     n_ubatch: int | None = _option(None, "llama.cpp n_ubatch (static's window-layer reservation); default: the trace's.")
     policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # {policy name: constructor kwargs}
 
@@ -120,6 +133,21 @@ def _frozen(v: Any) -> Any:
 def cli_fields(*, axes: bool = True) -> list[Any]:
     """The ReplayOptions fields that have a command-line flag (``axes=False``: not those a sweep turns into axes)."""
     return [f for f in fields(ReplayOptions) if f.metadata.get("flag") and (axes or not f.metadata["axis"])]
+
+
+def option_columns() -> list[tuple[str, type]]:
+    """(column, value type) of the options every sweep row records, in declaration order."""
+    return [(f.metadata["column"], f.metadata["cli_type"]) for f in fields(ReplayOptions) if f.metadata.get("column")]
+
+
+def column_values(options: ReplayOptions) -> dict[str, Any]:
+    """The sweep row columns of ``options`` (a what-if target as its preset name or GGUF path)."""
+    out = {}
+    for f in fields(ReplayOptions):
+        if f.metadata.get("column"):
+            v = getattr(options, f.name)
+            out[f.metadata["column"]] = v.source if isinstance(v, TargetModel) else v
+    return out
 
 
 def _from_text(name: str, value: Any) -> dict[str, Any]:

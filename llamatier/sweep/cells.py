@@ -20,7 +20,7 @@ import polars as pl
 from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile, load_profile
 from llamatier.replay.budgets import BudgetPoint
-from llamatier.replay.options import ReplayOptions, params_label
+from llamatier.replay.options import ReplayOptions, column_values, option_columns, params_label
 from llamatier.sweep.shipping import resolve_trace
 from llamatier.tiers import LINK_NAMES, TIER_NAMES
 from llamatier.trace import Trace, load_trace
@@ -116,15 +116,7 @@ _INPUTS: list[tuple[str, Any]] = [
     ("profile", _S),
     ("policy", _S),
     ("policy_params", _S),  # the cell's --policy-param values ("decay=0.5"), None: the policy's defaults
-    ("kv_type", _S),
-    ("geometry", _S),
-    ("block_tokens", _I),
-    ("mode", _S),
-    ("block_budget", _I),
-    ("static_mode", _S),
-    ("dram_reads", _S),
-    ("prefetch", _B),
-    ("swa_full", _B),
+    *[(name, {str: _S, int: _I, bool: _B}[typ]) for name, typ in option_columns()],  # kv_type, geometry, mode, ...
     ("hbm_budget", _S),  # as given: "25%", "1.00 GiB", "auto"
     ("hbm_budget_fraction", _F),  # of kv_peak_bytes (None when given as a size or auto)
     ("hbm_budget_bytes", _F),  # the HBM budget the replay used
@@ -187,15 +179,7 @@ def run_cell(cell: SweepCell) -> dict[str, Any]:
         profile=cell.profile,
         policy=cell.policy,
         policy_params=params_label(o.policy_params.get(cell.policy)),
-        kv_type=o.kv_type,
-        geometry=o.target.source if o.target is not None else None,
-        block_tokens=o.block_tokens,
-        mode=o.mode,
-        block_budget=o.block_budget,
-        static_mode=o.static_mode,
-        dram_reads=o.dram_reads,
-        prefetch=o.prefetch,
-        swa_full=o.swa_full,
+        **column_values(o),
         hbm_budget=cell.hbm_budget.label,
         hbm_budget_fraction=cell.hbm_budget.fraction,
         runs=False,
