@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from llamatier.errors import LlamatierError
@@ -23,6 +25,34 @@ def _check_folder_writable(folder: Path, target: Path) -> None:
         ) from None
     os.close(fd)
     os.unlink(probe)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` into a unique temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    A reader sees the old file or the whole new one, never a part; two writers never share a
+    temporary name. The temporary file is removed if writing fails or is interrupted.
+    """
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def check_output_file(path: str | Path, flag: str, example_name: str) -> Path:

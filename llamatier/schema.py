@@ -15,9 +15,10 @@ import json
 import math
 from typing import Annotated, Any, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from llamatier.errors import LlamatierError
+from llamatier.units import parse_size_bytes
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -34,6 +35,30 @@ class Open(Strict):
     model_config = ConfigDict(extra="allow")
 
 
+MAX_BYTES = 1 << 60  # 1 EiB: beyond any machine, so that a wrong unit is caught
+
+
+def _size(value: Any) -> Any:
+    """A size: ``"40GiB"``, ``"1.92TB"`` or a number of bytes."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'must be a size such as "40GiB" or a number of bytes (got {type(value).__name__})')
+    if isinstance(value, str):
+        try:
+            value = parse_size_bytes(value, what="size")
+        except LlamatierError:
+            raise ValueError(
+                f'invalid size {value!r}: must be a size such as "40GiB", "512MB" or a number of bytes'
+            ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite size (got {value!r})")
+    if value < 0:
+        raise ValueError(f"must be >= 0 bytes (got {value!r})")
+    if value > MAX_BYTES:
+        raise ValueError(f"must be at most 1 EiB (got {value!r}): check the unit")
+    return int(value)
+
+
+Size = Annotated[int, BeforeValidator(_size)]
 Count = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -120,7 +145,9 @@ def _rule_text(e: dict[str, Any], cls: type[BaseModel] | None, root: type[BaseMo
         item = _item_name(parent)
         if item == "key" or parent is None:
             return "", "missing"
-        return "", f"missing {item}; all of {', '.join(parent.model_fields)} are needed"
+        if all(f.is_required() for f in parent.model_fields.values()):
+            return "", f"missing {item}; all of {', '.join(parent.model_fields)} are needed"
+        return "", f"missing {item}"
     simple = {
         "int_type": "must be an integer",
         "int_from_float": "must be an integer",
@@ -180,13 +207,29 @@ def validate(
 
 
 def finite_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, +-Infinity) replaced by None, so JSON stays JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+    """``obj`` as plain JSON data with every non-finite number (NaN, +-Infinity) replaced by None.
+
+    numpy scalars and arrays become Python numbers and lists, dataclasses dicts, so that
+    ``json.dumps(finite_json(x), allow_nan=False)`` never meets a value JSON cannot hold.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
     if isinstance(obj, dict):
         return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [finite_json(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return finite_json(dataclasses.asdict(obj))
     return obj
 
 

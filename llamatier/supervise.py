@@ -201,7 +201,8 @@ def _mark_trace(trace_dir: str | None, error: str) -> tuple[str, int] | None:
         return None
     meta.update(complete=False, error=error)
     from llamatier.errors import LlamatierError
-    from llamatier.trace.writer import atomic_write_bytes, meta_json_bytes
+    from llamatier.outpaths import atomic_write_bytes
+    from llamatier.trace.writer import meta_json_bytes
 
     try:  # sealed with a fresh meta_sha256, as the writer would have left it
         atomic_write_bytes(meta_path, meta_json_bytes(meta))

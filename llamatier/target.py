@@ -114,6 +114,10 @@ def geometry_preset(name: str) -> TargetModel:
 def resolve_geometry(name_or_path: str) -> TargetModel:
     """``--geometry`` argument: a preset name, or a path to a GGUF whose header gives the geometry."""
     text = str(name_or_path).strip()
+    if not text:
+        raise LlamatierError(
+            f"--geometry is empty: give a preset name ({', '.join(sorted(_load_presets()))}) or a .gguf path"
+        )
     if text.lower() in _load_presets():
         return geometry_preset(text)
     p = Path(text)

@@ -68,20 +68,20 @@ def test_relative_trace_paths_resolve_against_the_file(tmp_path: Path, tiny_trac
 BAD = [
     # (edit: old -> new, field named in the error, rule words)
     ('[users]\ncount = 2', "[users]\ncount = 0", "users.count", ">= 1"),
-    ('[users]\ncount = 2', "[users]\ncount = 2\narrival_rate_per_s = 1.0", "section users", "exactly one"),
+    ('[users]\ncount = 2', "[users]\ncount = 2\narrival_rate_per_s = 1.0", "users: set", "exactly one"),
     ('[users]\ncount = 2', "[users]\narrival_rate_per_s = 1.0", "users.sessions", "missing"),
     ("turns = [1, 2]", "turns = [3, 1]", "sessions.turns", "first <= second"),
     ("turns = [1, 2]", 'turns = "many"', "sessions.turns", "integer"),
     ("think_time_s = 0.01", "think_time_s = -1", "sessions.think_time_s", ">= 0"),
     ("shared_tokens = 32", "shared_tokens = 5000", "prefix.shared_tokens", "slot_context_tokens"),
     ("max_batch_tokens = 256", "max_batch_tokens = 256\ncache_ram = \"lots\"", "server.cache_ram", "invalid"),
-    ("max_batch_tokens = 256", "max_batch_tokens = 256\nprefill_cost = \"guess\"", "server.prefill_cost", "model or measured"),
+    ("max_batch_tokens = 256", "max_batch_tokens = 256\nprefill_cost = \"guess\"", "server.prefill_cost", "'model', 'measured'"),
     ("max_batch_tokens = 256", "max_batch_tokens = 256\nn_parallel = 0", "server.n_parallel", ">= 1"),
     ("max_batch_tokens = 256", "max_batch_tokens = 256\nbatch = 4", "server.batch", "unknown key"),
     ("tpot_ms = 100", "tpot_ms = 0", "slo.tpot_ms", "> 0"),
     ('profile = "a100-40g"', 'profile = "a100-40g"\nkv_type = "q3_k"', "workload.kv_type", "q3_k"),
     ('profile = "a100-40g"', "", "workload.profile", "missing"),
-    ("[slo]", "[slos]", "section slos", "unknown section"),
+    ("[slo]", "[slos]", "slos: unknown section", "valid sections are"),
 ]
 
 

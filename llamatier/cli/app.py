@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import sys
 import warnings
@@ -76,6 +77,7 @@ def cli_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _AT_EXIT.set([])
         try:
             with warnings.catch_warnings():
                 show = warnings.showwarning
@@ -100,28 +102,30 @@ def cli_errors(fn: F) -> F:
             raise typer.Exit(130) from None
         except MemoryError:
             fail("out of memory: use a smaller trace, fewer steps or a coarser --block-tokens", 3)
+        finally:
+            for release in reversed(_AT_EXIT.get()):
+                release()
+            _AT_EXIT.reset(token)
 
     return wrapper  # type: ignore[return-value]
 
 
+_AT_EXIT: contextvars.ContextVar[list[Callable[[], None]]] = contextvars.ContextVar("llamatier_at_exit")
+
+
+def release_at_exit(release: Callable[[], None]) -> None:
+    """Call ``release`` when the running command ends, however it ends (e.g. an output claim's release)."""
+    _AT_EXIT.get().append(release)
+
+
 def print_json(obj: Any) -> None:
-    """Machine-readable output on stdout (no rich markup)."""
+    """Machine-readable output on stdout (no rich markup); NaN and Infinity are written as null."""
     import json
 
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    from llamatier.schema import finite_json
+
+    sys.stdout.write(json.dumps(finite_json(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
 
 
 def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(o)
-    return str(o)
+    return str(o)  # paths and the like (numbers, arrays and dataclasses are converted before)

@@ -20,7 +20,9 @@ from llamatier.serving import (
     load_workload,
     serve,
 )
+from llamatier.serving.plan import check_run_fits
 from llamatier.serving.report import capacity_table, results_table
+from llamatier.serving.workload import check_overrides
 from llamatier.units import format_bytes
 
 
@@ -43,6 +45,7 @@ def serve_replay(
     json_out: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
 ) -> None:
     """Replay a serving workload (users, multi-turn sessions, shared prefix) through the four tiers."""
+    check_overrides(users=users, seed=seed, slo_tpot_ms=slo_tpot_ms, slo_ttft_ms=slo_ttft_ms, max_users=max_users)
     spec = load_workload(workload)
     if profile:
         spec = spec.with_overrides(profile=profile)
@@ -55,6 +58,8 @@ def serve_replay(
     spec = spec.with_overrides(slo_tpot_s=tpot, slo_ttft_s=ttft)
     ctx = build_context(spec)
     if tpot is not None:
+        if spec.closed_loop:  # the search's largest trial, one policy at a time
+            check_run_fits(spec.with_users(max_users), list(ctx.shapes))
         found = [
             find_max_users(spec, p, slo_tpot_s=tpot, slo_ttft_s=ttft, max_search=max_users, context=ctx).summary()
             for p in policy
@@ -65,6 +70,7 @@ def serve_replay(
         slo = f"p99 TPOT <= {slo_tpot_ms:g} ms" + (f", p99 TTFT <= {slo_ttft_ms:g} ms" if ttft else "")
         console.print(capacity_table(found, title=f"{spec.name} on {ctx.profile.name} ({ctx.target.label}): users within {slo}"))
         return
+    check_run_fits(spec, list(ctx.shapes), runs=len(policy))  # every policy's run is kept until printed
     results = [serve(spec, p, context=ctx) for p in policy]
     sums = [r.summary() for r in results]
     if json_out:

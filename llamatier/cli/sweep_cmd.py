@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llamatier.cli.app import app, cli_errors, console, err_console, print_json
+from llamatier.cli.app import app, cli_errors, console, err_console, print_json, release_at_exit
 from llamatier.cli.options import replay_options
 from llamatier.errors import LlamatierError
 from llamatier.registry import EXECUTORS, POLICIES
@@ -72,6 +72,7 @@ def sweep(
         SweepInterrupted,
         check_jobs,
         check_out_path,
+        claim_out_file,
         make_cells,
         parse_block_budgets,
         parse_budgets,
@@ -95,6 +96,7 @@ def sweep(
         from llamatier.plots import check_plot_path
 
         check_plot_path(plot)
+    release_at_exit(claim_out_file(out, overwrite=force).release)  # a second sweep to this --out stops here
     pols = [p.strip() for p in policies.split(",") if p.strip()]
     params = parse_policy_params(policy_param, pols, lists=True) if policy_param else None
     cells = make_cells(

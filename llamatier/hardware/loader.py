@@ -8,12 +8,11 @@ and the rule.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, create_model, model_validator
+from pydantic import Field, create_model, model_validator
 
 from llamatier.errors import LlamatierError, ProfileError
 from llamatier.hardware.gpumodel import (
@@ -26,9 +25,8 @@ from llamatier.hardware.gpumodel import (
 from llamatier.hardware.hostmodel import HostComputeModel, parse_term
 from llamatier.hardware.profile import COMPUTE_DEVICES, Compute, Link, Profile, Tier
 from llamatier.kvtypes import KV_TYPES
-from llamatier.schema import RuleError, Strict, validate
+from llamatier.schema import MAX_BYTES, RuleError, Size, Strict, validate
 from llamatier.tiers import LINK_ENDS, LINK_NAMES, TIER_NAMES
-from llamatier.units import parse_size_bytes
 from llamatier.userfiles import read_toml_file
 
 
@@ -43,7 +41,6 @@ class FieldSpec:
 
 
 # Physical bounds: far beyond any real machine, so that a wrong unit or a typo is caught.
-MAX_BYTES = 1 << 60  # 1 EiB
 MAX_GB_S = 1e6  # 1 PB/s
 MAX_US = 1e8  # 100 s
 MAX_PJ = 1e7  # 10 uJ per byte or per MAC
@@ -57,25 +54,6 @@ def _to(attr: str, scale: float = 1.0, *, kind: str = "float", rule: str | None 
     return Field(json_schema_extra=extra, **bounds)
 
 
-def _size(value: Any) -> Any:
-    """A size: ``"40GiB"``, ``"1.92TB"`` or a number of bytes (checked against the bounds after)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f'must be a size such as "40GiB" or a number of bytes (got {type(value).__name__})')
-    if isinstance(value, str):
-        try:
-            return parse_size_bytes(value, what="size")
-        except LlamatierError:
-            raise ValueError(f'must be a size such as "40GiB", "512MB" or a number of bytes (got {value!r})') from None
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite size (got {value!r})")
-    if value < 0:
-        raise ValueError(f"must be >= 0 bytes (got {value!r})")
-    if value > MAX_BYTES:
-        raise ValueError(f"must be at most 1 EiB (got {value!r}): check the unit")
-    return int(value)
-
-
-Size = Annotated[int, BeforeValidator(_size), Field(ge=0, le=MAX_BYTES)]
 Rate = Annotated[float, Field(gt=0, le=MAX_GB_S)]
 Micros = Annotated[float, Field(ge=0, le=MAX_US)]
 Pico = Annotated[float, Field(ge=0, le=MAX_PJ)]

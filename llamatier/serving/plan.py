@@ -12,13 +12,16 @@ later turns, and counted.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from llamatier.errors import LlamatierError
 from llamatier.serving.workload import WorkloadSpec
 from llamatier.trace import Trace
+from llamatier.units import format_bytes
 
 OPEN_LOOP_STREAM = 2**31  # random stream of open-loop arrival times (sessions use streams 0..n-1)
 
@@ -169,3 +172,53 @@ def make_plan(spec: WorkloadSpec, shapes: list[TraceShape]) -> Plan:
         prefix_tokens=int(spec.prefix_tokens),
         dropped_turns=dropped,
     )
+
+
+# What one request and one output token cost in memory while a policy plays a run (its request
+# objects, per-step records and per-token arrays). Measured with serve-replay on
+# examples/workloads/chat-llama3-8b-a100.toml (100 and 600 users, vllm-lru and vllm-arc: about
+# 38 KB per request of 256 output tokens, 150 B per token); rounded up to about twice that.
+REQUEST_BYTES = 8 * 1024
+TOKEN_BYTES = 256
+FIT_FRACTION = 0.8  # of the memory available now
+
+
+def run_size(spec: WorkloadSpec, shapes: list[TraceShape]) -> tuple[int, int]:
+    """(requests, output tokens) a run of ``spec`` plays at most (before turns that overflow are dropped)."""
+    n_sessions = spec.n_sessions
+    lo, hi = spec.turns
+    requests = int(np.ceil(n_sessions * (lo + hi) / 2))
+    decode = float(np.mean([s.decode_steps for s in shapes])) if shapes else 0.0
+    return requests, int(np.ceil(requests * decode))
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this machine can give a new allocation now (Linux MemAvailable), None when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_run_fits(spec: WorkloadSpec, shapes: list[TraceShape], *, runs: int = 1, available: int | None = None) -> int:
+    """Estimate the memory ``runs`` runs of ``spec`` hold at once; refuse with one line what will not fit.
+
+    Returns the estimate in bytes. ``available`` defaults to the memory available now.
+    """
+    requests, tokens = run_size(spec, shapes)
+    need = runs * (requests * REQUEST_BYTES + tokens * TOKEN_BYTES)
+    have = available if available is not None else available_memory_bytes()
+    if have is not None and need > FIT_FRACTION * have:
+        who = f"{spec.users:,} users" if spec.closed_loop else f"{spec.n_sessions:,} sessions"
+        raise LlamatierError(
+            f"this run would need about {format_bytes(need)} of memory ({who}: up to {requests:,} requests, "
+            f"{tokens:,} output tokens{f', {runs} policies' if runs > 1 else ''}) but {format_bytes(have)} is "
+            "available: lower users.count (or --users / --max-users), users.sessions or sessions.turns"
+        )
+    return need

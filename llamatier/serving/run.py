@@ -8,7 +8,7 @@ from pathlib import Path
 from llamatier.hardware import Profile
 from llamatier.serving.context import ServingContext, build_context
 from llamatier.serving.engine import simulate
-from llamatier.serving.plan import make_plan
+from llamatier.serving.plan import check_run_fits, make_plan
 from llamatier.serving.policies import PolicyCannotRun, ServingPolicy, make_serving_policy
 from llamatier.serving.result import ServeResult
 from llamatier.serving.workload import WorkloadSpec, load_workload
@@ -34,6 +34,7 @@ def serve(
         context = build_context(spec, profile=prof_obj)
     elif context.spec is not spec:
         context = dataclasses.replace(context, spec=spec)
+    check_run_fits(spec, list(context.shapes))
     plan = make_plan(spec, list(context.shapes))
     pol = make_serving_policy(policy)
     record = None

@@ -1,4 +1,4 @@
-"""Serving workload files: the TOML schema, its validation, and the parsed :class:`WorkloadSpec`.
+"""Serving workload files: the declared TOML schema (pydantic), and the parsed :class:`WorkloadSpec`.
 
 A workload says who talks to the server and how: closed-loop users (``users.count``) or Poisson session arrivals (``users.arrival_rate_per_s``), multi-turn
 sessions with think time, a shared system-prompt prefix, and the traces whose
@@ -6,18 +6,21 @@ prompt/output lengths and attention patterns the requests replay. It also names
 the hardware profile, KV type, model geometry, the server's knobs and the SLO.
 See docs/serving.md for the schema with an example.
 
-Every rule violation raises :class:`WorkloadError` with one line naming the
-file, the field and the rule.
+The schema is :class:`WorkloadToml` (one pydantic model per section: strict
+types, physical ranges, enums, cross-field rules). Every violation raises
+:class:`WorkloadError` with one line naming the file, the field and the rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
 from llamatier.errors import LlamatierError
-from llamatier.units import parse_size_bytes
+from llamatier.schema import RuleError, Size, Strict, describe, validate
 from llamatier.userfiles import read_toml_file
 
 
@@ -28,31 +31,6 @@ class WorkloadError(LlamatierError):
 THINK_DISTRIBUTIONS = ("exponential", "fixed")
 PREFILL_COSTS = ("model", "measured")
 FLASH_ATTN = ("auto", "on", "off")
-
-# section -> allowed keys (the schema; docs/serving.md documents each)
-_SCHEMA: dict[str, tuple[str, ...]] = {
-    "workload": ("name", "seed", "traces", "profile", "geometry", "kv_type"),
-    "users": ("count", "ramp_s", "sessions_per_user", "arrival_rate_per_s", "sessions"),
-    "sessions": ("turns", "think_time_s", "think_time_distribution"),
-    "prefix": ("shared_tokens",),
-    "server": (
-        "slot_context_tokens",
-        "n_parallel",
-        "max_batch_tokens",
-        "max_batch_seqs",
-        "cache_ram",
-        "block_tokens",
-        "prefill_cost",
-        "flash_attn",
-        "swa_full",
-        "hbm_budget",
-        "dram_budget",
-        "ssd_budget",
-        "remote_budget",
-    ),
-    "slo": ("tpot_ms", "ttft_ms"),
-}
-
 
 @dataclass(frozen=True)
 class ServerSpec:
@@ -126,202 +104,230 @@ def load_workload(path: str | Path) -> WorkloadSpec:
     return workload_from_dict(data, source=str(p), base_dir=p.parent)
 
 
-def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> WorkloadSpec:
-    """Validate a workload given as a dict (the TOML's structure)."""
-    v = _Validator(source)
-    for section, body in data.items():
-        if section not in _SCHEMA:
-            v.fail(f"section {section}", f"unknown section; valid sections are {', '.join(_SCHEMA)}")
-        if not isinstance(body, dict):
-            v.fail(f"section {section}", "must be a table (a section header line), not a value")
-        for key in body:
-            if key not in _SCHEMA[section]:
-                v.fail(f"{section}.{key}", f"unknown key; valid keys are {', '.join(_SCHEMA[section])}")
-    w = data.get("workload", {})
-    if "workload" not in data:
-        v.fail("section workload", "missing: it must list the traces and the profile")
-    base = base_dir or Path(".")
+# ---- the declared schema (pydantic) --------------------------------------------------------------
 
-    traces_raw = w.get("traces")
-    if traces_raw is None:
-        v.fail("workload.traces", "missing: list at least one trace directory (recorded by `llamatier trace`)")
-    if isinstance(traces_raw, str):
-        traces_raw = [traces_raw]
-    if not isinstance(traces_raw, list) or not traces_raw or not all(isinstance(t, str) for t in traces_raw):
-        v.fail("workload.traces", "must be a non-empty list of trace directory paths (strings)")
-    traces = []
-    for i, t in enumerate(traces_raw):
-        tp = Path(t)
-        tp = tp if tp.is_absolute() else base / tp
-        if not tp.is_dir():
-            v.fail(f"workload.traces[{i}]", f"trace directory {tp} not found (record one with `llamatier trace`)")
-        traces.append(tp)
+MAX_SECONDS = 1e7  # ~4 months: longer think times or ramps are a unit mistake, and keep clocks finite
+MAX_COUNT = 1 << 31
+MAX_TOKENS = 1 << 31
 
-    profile = w.get("profile")
-    if not isinstance(profile, str) or not profile.strip():
-        v.fail("workload.profile", "missing or empty: name a hardware profile (see `llamatier profiles`)")
-    geometry = v.opt_str(w, "workload", "geometry")
-    if geometry is not None:
-        gp = Path(geometry)
-        if gp.suffix.lower() == ".gguf" and not gp.is_absolute():
-            geometry = str(base / gp)
-    kv = v.opt_str(w, "workload", "kv_type")
-    if kv is not None:
+
+def _text(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must be a non-empty string")
+        return value.strip()
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_text)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
+
+
+def _traces(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _kv_pair(value: str | None) -> str | None:
+    if value is not None:
         from llamatier.kvtypes import parse_kv_pair
 
         try:
-            parse_kv_pair(kv)
+            parse_kv_pair(value)
         except LlamatierError as exc:
-            v.fail("workload.kv_type", str(exc))
-    name = v.opt_str(w, "workload", "name") or (Path(source).stem if source != "<dict>" else "workload")
-    seed = v.int_(w, "workload", "seed", default=0, lo=0)
+            raise ValueError(str(exc)) from None
+    return value
 
-    u = data.get("users", {})
-    users = v.int_(u, "users", "count", default=None, lo=1)
-    rate = v.float_(u, "users", "arrival_rate_per_s", default=None, lo=0.0, lo_open=True)
-    sessions = v.int_(u, "users", "sessions", default=None, lo=1)
-    ramp = v.float_(u, "users", "ramp_s", default=None, lo=0.0)
-    per_user = v.int_(u, "users", "sessions_per_user", default=None, lo=1)
-    if (users is None) == (rate is None):
-        v.fail("section users", "set exactly one of count (closed loop: concurrent users) or arrival_rate_per_s (open loop)")
-    if rate is not None and sessions is None:
-        v.fail("users.sessions", "missing: an open-loop workload (arrival_rate_per_s) needs the number of sessions")
-    if users is not None and sessions is not None:
-        v.fail("users.sessions", "only applies with arrival_rate_per_s (closed loop runs one session per user)")
-    if rate is not None and ramp is not None:
-        v.fail("users.ramp_s", "only applies with count (closed loop)")
-    if rate is not None and per_user is not None:
-        v.fail("users.sessions_per_user", "only applies with count (open loop: every arrival is a new session)")
 
-    s = data.get("sessions", {})
-    turns_raw = s.get("turns", 1)
-    if isinstance(turns_raw, bool):
-        v.fail("sessions.turns", "must be an integer >= 1 or a list of two integers such as [1, 4]")
-    if isinstance(turns_raw, int):
-        turns = (turns_raw, turns_raw)
-    elif isinstance(turns_raw, list) and len(turns_raw) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in turns_raw):
-        turns = (int(turns_raw[0]), int(turns_raw[1]))
-    else:
-        v.fail("sessions.turns", f"must be an integer >= 1 or a list of two integers such as [1, 4] (got {turns_raw!r})")
-    if turns[0] < 1 or turns[1] < turns[0]:
-        v.fail("sessions.turns", f"needs 1 <= first <= second (got {turns_raw!r})")
-    think = v.float_(s, "sessions", "think_time_s", default=0.0, lo=0.0)
-    dist = v.opt_str(s, "sessions", "think_time_distribution") or "exponential"
-    if dist not in THINK_DISTRIBUTIONS:
-        v.fail("sessions.think_time_distribution", f"unknown {dist!r}: use {' or '.join(THINK_DISTRIBUTIONS)}")
+class WorkloadSection(Strict):
+    """``[workload]``: the traces, the hardware profile and what to cost them as."""
 
-    prefix = v.int_(data.get("prefix", {}), "prefix", "shared_tokens", default=0, lo=0)
+    name: Text | None = None
+    seed: Annotated[int, Field(ge=0, le=(1 << 63) - 1)] = 0
+    traces: Annotated[list[Text], BeforeValidator(_traces), Field(min_length=1)]
+    profile: Text
+    geometry: Text | None = None
+    kv_type: Annotated[Text | None, AfterValidator(_kv_pair)] = None
 
-    sv = data.get("server", {})
-    d = ServerSpec()
-    n_par_raw = sv.get("n_parallel", "users")
-    if n_par_raw == "users":
-        n_parallel = None
-    else:
-        n_parallel = v.int_(sv, "server", "n_parallel", default=None, lo=1, extra="or the string \"users\"")
-    budgets = tuple(
-        v.size(sv, "server", key, default=None) for key in ("hbm_budget", "dram_budget", "ssd_budget", "remote_budget")
-    )
-    prefill_cost = v.opt_str(sv, "server", "prefill_cost") or d.prefill_cost
-    if prefill_cost not in PREFILL_COSTS:
-        v.fail("server.prefill_cost", f"unknown {prefill_cost!r}: use {' or '.join(PREFILL_COSTS)}")
-    flash_attn = v.opt_str(sv, "server", "flash_attn") or d.flash_attn
-    if flash_attn not in FLASH_ATTN:
-        v.fail("server.flash_attn", f"unknown {flash_attn!r}: use {', '.join(FLASH_ATTN)} (llama.cpp -fa)")
-    swa_full = sv.get("swa_full", d.swa_full)
-    if not isinstance(swa_full, bool):
-        v.fail("server.swa_full", f"must be true or false (got {swa_full!r})")
+
+class UsersSection(Strict):
+    """``[users]``: closed loop (``count``) or open loop (``arrival_rate_per_s`` + ``sessions``)."""
+
+    count: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    ramp_s: Seconds | None = None
+    sessions_per_user: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    arrival_rate_per_s: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    sessions: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+
+    @model_validator(mode="after")
+    def _one_loop(self) -> UsersSection:
+        if (self.count is None) == (self.arrival_rate_per_s is None):
+            raise RuleError("", "set exactly one of count (closed loop: concurrent users) or arrival_rate_per_s (open loop)")
+        if self.arrival_rate_per_s is not None:
+            if self.sessions is None:
+                raise RuleError("sessions", "missing: an open-loop workload (arrival_rate_per_s) needs the number of sessions")
+            for key, rule in (("ramp_s", "only applies with count (closed loop)"),
+                              ("sessions_per_user", "only applies with count (open loop: every arrival is a new session)")):
+                if getattr(self, key) is not None:
+                    raise RuleError(key, rule)
+        elif self.sessions is not None:
+            raise RuleError("sessions", "only applies with arrival_rate_per_s (closed loop runs one session per user)")
+        return self
+
+
+def _turns(value: Any) -> Any:
+    ints = isinstance(value, list) and len(value) == 2 and all(type(x) is int for x in value)
+    if type(value) is int:
+        value = [value, value]
+    elif not ints:
+        raise ValueError(f"must be an integer >= 1 or a list of two integers such as [1, 4] (got {value!r})")
+    if not 1 <= value[0] <= value[1] or value[1] > 1_000_000:
+        raise ValueError(f"needs 1 <= first <= second <= 1000000 (got {value!r})")
+    return tuple(value)
+
+
+class SessionsSection(Strict):
+    """``[sessions]``: turns per session and the think time between them."""
+
+    turns: Annotated[tuple[int, int], BeforeValidator(_turns)] = (1, 1)
+    think_time_s: Seconds = 0.0
+    think_time_distribution: Literal[THINK_DISTRIBUTIONS] = "exponential"  # type: ignore[valid-type]
+
+
+class PrefixSection(Strict):
+    """``[prefix]``: the system prompt every session starts with."""
+
+    shared_tokens: Tokens = 0
+
+
+def _n_parallel(value: Any) -> Any:
+    if value == "users":
+        return None
+    if type(value) is not int or not 1 <= value <= MAX_COUNT:
+        raise ValueError(f'must be an integer >= 1 or the string "users" (got {value!r})')
+    return value
+
+
+class ServerSection(Strict):
+    """``[server]``: the serving engine's knobs (see :class:`ServerSpec`)."""
+
+    slot_context_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = ServerSpec.slot_context_tokens
+    n_parallel: Annotated[int | None, BeforeValidator(_n_parallel)] = None
+    max_batch_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = ServerSpec.max_batch_tokens
+    max_batch_seqs: Annotated[int, Field(ge=1, le=1 << 20)] = ServerSpec.max_batch_seqs
+    cache_ram: Size = ServerSpec.cache_ram_bytes
+    block_tokens: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
+    prefill_cost: Literal[PREFILL_COSTS] = ServerSpec.prefill_cost  # type: ignore[valid-type]
+    flash_attn: Literal[FLASH_ATTN] = ServerSpec.flash_attn  # type: ignore[valid-type]
+    swa_full: bool = ServerSpec.swa_full
+    hbm_budget: Size | None = None
+    dram_budget: Size | None = None
+    ssd_budget: Size | None = None
+    remote_budget: Size | None = None
+
+
+class SloSection(Strict):
+    """``[slo]``: p99 targets of the user-count search, in milliseconds."""
+
+    tpot_ms: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    ttft_ms: Annotated[float, Field(gt=0, le=1e9)] | None = None
+
+
+class WorkloadToml(Strict):
+    """A workload file: its sections (``[workload]`` required, the others optional)."""
+
+    item_name: ClassVar[str] = "section"
+    workload: WorkloadSection
+    users: UsersSection
+    sessions: SessionsSection = SessionsSection()
+    prefix: PrefixSection = PrefixSection()
+    server: ServerSection = ServerSection()
+    slo: SloSection = SloSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _users_section(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "users" not in data:
+            raise RuleError("users", "missing: set count (closed loop) or arrival_rate_per_s (open loop)")
+        return data
+
+    @model_validator(mode="after")
+    def _prefix_fits(self) -> WorkloadToml:
+        if self.prefix.shared_tokens >= self.server.slot_context_tokens:
+            raise RuleError(
+                "prefix.shared_tokens", f"must be below server.slot_context_tokens ({self.server.slot_context_tokens})"
+            )
+        return self
+
+
+def workload_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> WorkloadSpec:
+    """Validate a workload given as a dict (the TOML's structure) against :class:`WorkloadToml`."""
+    doc = validate(WorkloadToml, data, source=source, error=WorkloadError)
+    w, u, s, sv, slo = doc.workload, doc.users, doc.sessions, doc.server, doc.slo
+    base = base_dir or Path(".")
+    traces = []
+    for i, t in enumerate(w.traces):
+        tp = Path(t) if Path(t).is_absolute() else base / t
+        if not tp.is_dir():
+            raise WorkloadError(
+                f"{source}: workload.traces[{i}]: trace directory {tp} not found (record one with `llamatier trace`)"
+            )
+        traces.append(tp)
+    geometry = w.geometry
+    if geometry is not None and Path(geometry).suffix.lower() == ".gguf" and not Path(geometry).is_absolute():
+        geometry = str(base / geometry)
     server = ServerSpec(
-        slot_context_tokens=v.int_(sv, "server", "slot_context_tokens", default=d.slot_context_tokens, lo=1),
-        n_parallel=n_parallel,
-        max_batch_tokens=v.int_(sv, "server", "max_batch_tokens", default=d.max_batch_tokens, lo=1),
-        max_batch_seqs=v.int_(sv, "server", "max_batch_seqs", default=d.max_batch_seqs, lo=1),
-        cache_ram_bytes=v.size(sv, "server", "cache_ram", default=d.cache_ram_bytes),
-        block_tokens=v.int_(sv, "server", "block_tokens", default=None, lo=1),
-        prefill_cost=prefill_cost,
-        flash_attn=flash_attn,
-        swa_full=swa_full,
-        budgets_bytes=budgets,  # type: ignore[arg-type]
+        slot_context_tokens=sv.slot_context_tokens,
+        n_parallel=sv.n_parallel,
+        max_batch_tokens=sv.max_batch_tokens,
+        max_batch_seqs=sv.max_batch_seqs,
+        cache_ram_bytes=sv.cache_ram,
+        block_tokens=sv.block_tokens,
+        prefill_cost=sv.prefill_cost,
+        flash_attn=sv.flash_attn,
+        swa_full=sv.swa_full,
+        budgets_bytes=(sv.hbm_budget, sv.dram_budget, sv.ssd_budget, sv.remote_budget),
     )
-    if prefix >= server.slot_context_tokens:
-        v.fail("prefix.shared_tokens", f"must be below server.slot_context_tokens ({server.slot_context_tokens})")
-
-    slo = data.get("slo", {})
-    tpot = v.float_(slo, "slo", "tpot_ms", default=None, lo=0.0, lo_open=True)
-    ttft = v.float_(slo, "slo", "ttft_ms", default=None, lo=0.0, lo_open=True)
     return WorkloadSpec(
-        name=name,
+        name=w.name or (Path(source).stem if source != "<dict>" else "workload"),
         source=source,
-        seed=seed,
+        seed=w.seed,
         traces=tuple(traces),
-        profile=profile.strip(),
+        profile=w.profile,
         geometry=geometry,
-        kv_type=kv,
-        users=users,
-        ramp_s=ramp,
-        sessions_per_user=per_user or 1,
-        arrival_rate_per_s=rate,
-        sessions=sessions,
-        turns=turns,
-        think_time_s=think,
-        think_time_distribution=dist,
-        prefix_tokens=prefix,
+        kv_type=w.kv_type,
+        users=u.count,
+        ramp_s=u.ramp_s,
+        sessions_per_user=u.sessions_per_user or 1,
+        arrival_rate_per_s=u.arrival_rate_per_s,
+        sessions=u.sessions,
+        turns=s.turns,
+        think_time_s=s.think_time_s,
+        think_time_distribution=s.think_time_distribution,
+        prefix_tokens=doc.prefix.shared_tokens,
         server=server,
-        slo_tpot_s=tpot / 1e3 if tpot is not None else None,
-        slo_ttft_s=ttft / 1e3 if ttft is not None else None,
+        slo_tpot_s=slo.tpot_ms / 1e3 if slo.tpot_ms is not None else None,
+        slo_ttft_s=slo.ttft_ms / 1e3 if slo.ttft_ms is not None else None,
     )
 
 
-class _Validator:
-    """Typed field readers that fail with one line naming file, field and rule."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, where: str, rule: str) -> None:
-        raise WorkloadError(f"{self.source}: {where}: {rule}")
-
-    def opt_str(self, body: dict, section: str, key: str) -> str | None:
-        val = body.get(key)
-        if val is None:
-            return None
-        if not isinstance(val, str) or not val.strip():
-            self.fail(f"{section}.{key}", f"must be a non-empty string (got {val!r})")
-        return val.strip()
-
-    def int_(self, body: dict, section: str, key: str, *, default: Any, lo: int, extra: str = "") -> Any:
-        val = body.get(key, default)
-        if val is None:
-            return None
-        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-            more = f" {extra}" if extra else ""
-            self.fail(f"{section}.{key}", f"must be an integer >= {lo}{more} (got {val!r})")
-        return int(val)
-
-    def float_(self, body: dict, section: str, key: str, *, default: Any, lo: float, lo_open: bool = False) -> Any:
-        val = body.get(key, default)
-        if val is None:
-            return None
-        bad = isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or val == float("inf")
-        if not bad:
-            bad = val <= lo if lo_open else val < lo
-        if bad:
-            rel = ">" if lo_open else ">="
-            self.fail(f"{section}.{key}", f"must be a finite number {rel} {lo:g} (got {val!r})")
-        return float(val)
-
-    def size(self, body: dict, section: str, key: str, *, default: Any) -> Any:
-        val = body.get(key, default)
-        if val is None:
-            return None
-        if isinstance(val, bool):
-            self.fail(f"{section}.{key}", f"must be a size such as \"8GiB\" or a byte count (got {val!r})")
-        if isinstance(val, (int, float)):
-            if val < 0:
-                self.fail(f"{section}.{key}", f"must be >= 0 bytes (got {val!r})")
-            return int(val)
+def check_overrides(
+    *, users: int | None = None, seed: int | None = None, slo_tpot_ms: float | None = None,
+    slo_ttft_ms: float | None = None, max_users: int | None = None,
+) -> None:
+    """Command-line values that replace workload fields, checked by the same rules as the file's."""
+    checks = (
+        ("--users", UsersSection, {"count": users}),
+        ("--max-users", UsersSection, {"count": max_users}),
+        ("--seed", WorkloadSection, {"seed": seed, "traces": ["x"], "profile": "x"}),
+        ("--slo-tpot-ms", SloSection, {"tpot_ms": slo_tpot_ms}),
+        ("--slo-ttft-ms", SloSection, {"ttft_ms": slo_ttft_ms}),
+    )
+    for flag, model, data in checks:
+        if next(iter(data.values())) is None:
+            continue
         try:
-            return parse_size_bytes(str(val), what=f"{section}.{key}")
-        except LlamatierError as exc:
-            self.fail(f"{section}.{key}", str(exc))
-        return None  # pragma: no cover
+            model.model_validate(data)
+        except ValidationError as exc:
+            rule = describe(exc).split(": ", 1)[-1]
+            raise WorkloadError(f"{flag}: {rule}") from None

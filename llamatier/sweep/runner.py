@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 
 from llamatier.errors import LlamatierError
-from llamatier.outpaths import check_output_file
+from llamatier.outpaths import OutputClaim, atomic_write, check_output_file, claim_output
 from llamatier.registry import EXECUTORS
 from llamatier.replay import DEFAULT_POLICIES
 from llamatier.replay.budgets import BudgetPoint
@@ -76,7 +76,7 @@ def make_cells(
         if k is not None:
             parse_kv_pair(k)
     geometry = option_fields.pop("geometry", None)
-    if geometry:
+    if geometry is not None:
         option_fields["target"] = _geometry(geometry)
     blocks = parse_block_budgets(block_budgets)
     if blocks[0] is not None:
@@ -212,14 +212,31 @@ def check_out_path(path: str | Path, flag: str = "--out", *, overwrite: bool = T
     return p
 
 
+def claim_out_file(path: str | Path, flag: str = "--out", *, overwrite: bool = True) -> OutputClaim:
+    """Claim the sweep result file ``path`` for this process (a hidden lock file beside it), then
+    check it again under the claim; a second sweep to the same file gets a one-line error."""
+    p = Path(path)
+    claim = claim_output(p.with_name(f".{p.name}.llamatier-lock"), p, flag, "sweep")
+    try:
+        check_out_path(p, flag, overwrite=overwrite)
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
 def write_results(rows: Iterable[dict[str, Any]] | pl.DataFrame, path: str | Path) -> Path:
-    """Write sweep rows to one Parquet file; returns its path."""
+    """Write sweep rows to one Parquet file (a unique temporary file, renamed over ``path`` once
+    complete), then read its row count back; returns its path."""
     df = rows if isinstance(rows, pl.DataFrame) else rows_frame(rows)
     p = check_out_path(path)
     try:
-        df.write_parquet(p)
+        atomic_write(p, lambda tmp: df.write_parquet(tmp))
+        written = int(pl.scan_parquet(p).select(pl.len()).collect().item())
     except OSError as exc:
         raise LlamatierError(f"cannot write {p}: {exc.strerror or exc}") from None
+    if written != df.height:
+        raise LlamatierError(f"{p} holds {written} rows after writing {df.height}: another process replaced it; run again")
     return p
 
 

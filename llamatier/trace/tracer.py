@@ -13,6 +13,7 @@ every query token weighs equally (each row sums to 1, so the mean does too).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import signal
@@ -36,7 +37,7 @@ from llamatier.engines import (
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KVType, kv_type
 from llamatier.model import ModelInfo, read_model_info
-from llamatier.trace.writer import TraceWriter, check_out_dir
+from llamatier.trace.writer import TraceWriter, check_out_dir, claim_trace_dir
 
 PREFILL_ATTRIBUTION = "mean over heads and over the batch's query tokens (each query row weighs equally)"
 
@@ -153,19 +154,29 @@ def make_engine(cfg: TraceConfig, type_k: KVType, type_v: KVType) -> TraceEngine
 def run_trace(cfg: TraceConfig, progress: ProgressFn | None = None) -> TraceSummary:
     """Run the engine on the prompt, record every step into ``cfg.out_dir`` and return a summary."""
     info, tk, tv = validate_config(cfg)
-    engine = make_engine(cfg, tk, tv)
+    created = not Path(cfg.out_dir).exists()
+    claim = claim_trace_dir(cfg.out_dir)  # a second trace into the same --out stops here, before the model loads
+    writer = None
     try:
-        engine.load(cfg.model_path, info)
-        prompt_tokens = engine.tokenize(cfg.prompt)
-        _check_fits(cfg, len(prompt_tokens))
-        engine.start()
-        meta = trace_meta(cfg, info, tk, tv, len(prompt_tokens), engine.name, engine.describe())
-        writer = TraceWriter(cfg.out_dir, meta, n_layers=info.n_layers, block_tokens=cfg.block_tokens,
-                             chunk_steps=cfg.chunk_steps, positions=cfg.positions, overwrite=cfg.overwrite)
-        crashlog.note(trace_dir=str(cfg.out_dir))
-        return _record(cfg, engine, writer, prompt_tokens, progress)
+        engine = make_engine(cfg, tk, tv)
+        try:
+            engine.load(cfg.model_path, info)
+            prompt_tokens = engine.tokenize(cfg.prompt)
+            _check_fits(cfg, len(prompt_tokens))
+            engine.start()
+            meta = trace_meta(cfg, info, tk, tv, len(prompt_tokens), engine.name, engine.describe())
+            writer = TraceWriter(cfg.out_dir, meta, n_layers=info.n_layers, block_tokens=cfg.block_tokens,
+                                 chunk_steps=cfg.chunk_steps, positions=cfg.positions, overwrite=cfg.overwrite,
+                                 claim=claim)
+            crashlog.note(trace_dir=str(cfg.out_dir))
+            return _record(cfg, engine, writer, prompt_tokens, progress)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        claim.release()
+        if writer is None and created:  # nothing was written: leave no empty --out behind
+            with contextlib.suppress(OSError):
+                Path(cfg.out_dir).rmdir()
 
 
 def _check_fits(cfg: TraceConfig, n_prompt: int) -> None:

@@ -16,11 +16,12 @@ from typing import Any
 import polars as pl
 
 from llamatier.errors import TraceFormatError
+from llamatier.outpaths import atomic_write_bytes
 from llamatier.schema import loads_strict_json, validate
 from llamatier.trace.checks import ChunkChecker, file_record, read_chunk_table
 from llamatier.trace.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, chunk_name
 from llamatier.trace.schema import TraceMeta, seal
-from llamatier.trace.writer import atomic_write_bytes, meta_json_bytes
+from llamatier.trace.writer import meta_json_bytes
 
 
 def _v1_meta(p: Path) -> dict[str, Any]:

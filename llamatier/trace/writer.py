@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from llamatier.errors import LlamatierError
-from llamatier.outpaths import OutputClaim, claim_output, make_output_dir
+from llamatier.outpaths import OutputClaim, atomic_write_bytes, claim_output, make_output_dir
 from llamatier.trace.checks import file_record
 from llamatier.trace.format import (
     ATTN_SCHEMA,
@@ -34,21 +31,6 @@ CLAIM_FILE = ".llamatier-writer.lock"
 
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a unique temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def parquet_bytes(df: pl.DataFrame) -> bytes:
