@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from llamatier.engines.llamacpp import repack
 from llamatier.trace import load_trace
 from tests.conftest import REPO, TINY_PROMPT, assert_one_line_error, run_cli_subprocess
@@ -104,3 +106,49 @@ def test_the_supervisor_starts_without_heavy_imports() -> None:
             "print(sorted(m for m in ('numpy', 'polars', 'llama_cpp', 'rich', 'typer') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+def test_ctrl_c_during_the_model_load_stops_with_one_line(tiny_model, tmp_path) -> None:
+    """SIGINT to the process group while llama.cpp loads the model (it lands in the log callback)."""
+    out = tmp_path / "t"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sigint_at_load_cli.py"), "trace", str(tiny_model), "--prompt",
+         "hello world", "-n", "20", "--ctx", "128", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=str(REPO), start_new_session=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert_one_line_error(proc, "interrupted (Ctrl-C) before the command finished")
+    assert "Exception ignored" not in proc.stderr and "trace written" not in proc.stdout
+    assert not out.exists()  # claimed before the load, released and removed: nothing was written
+
+
+def test_ctrl_c_inside_a_python_capture_callback_stops_the_decode(tiny_model) -> None:
+    """A KeyboardInterrupt raised in the Python capture callback is raised by the decode that ran it."""
+    from llamatier.engines.llamacpp.capture import AttentionCapture
+    from llamatier.engines.llamacpp.session import ContextSettings, LlamaContext, LlamaModel
+
+    with LlamaModel(tiny_model, repack=False, n_threads=1) as model:
+        cap = AttentionCapture(2, 256, backend="python")
+        ctx = LlamaContext(model, ContextSettings(n_ctx=128, n_batch=32, n_ubatch=32, n_threads=1),
+                           cb_eval=cap.callback, cb_user_data=cap.user_data)
+        try:
+            tokens = model.tokenize("hello world")
+            ctx.decode(tokens, 0)
+            cap.take(len(tokens))  # a normal step captures every layer
+            get_name, calls = cap._get_name, []
+
+            def interrupted_once(t: int) -> bytes:
+                if not calls:
+                    calls.append(t)
+                    raise KeyboardInterrupt
+                return get_name(t)
+
+            cap._get_name = interrupted_once
+            with pytest.raises(KeyboardInterrupt):
+                ctx.decode([tokens[-1]], len(tokens))
+            assert calls
+            cap.reset()
+            ctx.decode([tokens[-1]], len(tokens) + 1)  # raised once: the next step runs
+        finally:
+            ctx.close()

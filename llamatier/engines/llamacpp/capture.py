@@ -161,6 +161,11 @@ class AttentionCapture:
             self.rows[layer] += arr.shape[0]
             self.n_kv[layer] = max(int(self.n_kv[layer]), int(ne[0]))
             return True
+        except KeyboardInterrupt:  # raised by the llama_decode that ran this callback, once it returns
+            from llamatier.engines.llamacpp.session import note_interrupt
+
+            note_interrupt()
+            return True
         except Exception:  # never raise into ggml: it silently skips the rest of the split
             self.state.error = 99
             return True

@@ -30,6 +30,10 @@ _LOG_LINES: deque[tuple[int, int, str]] = deque(maxlen=200)  # (sequence number,
 _LOG_SEQ = itertools.count()
 _LOG_CB: Any = None  # the CFUNCTYPE object must stay alive while llama.cpp holds it
 _BACKEND_READY = False
+# A Ctrl-C whose KeyboardInterrupt Python raised inside a llama.cpp callback: ctypes cannot pass an
+# exception back through C (it prints "Exception ignored" and carries on), so the callback notes it
+# here and the call that ran the callback raises it once llama.cpp has returned.
+_PENDING_INTERRUPT = [False]
 _MODEL_BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
 # Weight buffers of model loads, kept apart: a large model's load logs far more lines than the ring holds.
 _BUFFER_LINES: deque[tuple[int, str, float]] = deque(maxlen=64)  # (sequence number, buffer name, MiB)
@@ -52,6 +56,8 @@ def _install_logger() -> int:
                 _LOG_LINES.append((seq, int(level), line))
                 if "model buffer size" in line and (m := _MODEL_BUFFER_LINE.search(line)):
                     _BUFFER_LINES.append((seq, m.group(1), float(m.group(2))))
+            except KeyboardInterrupt:
+                note_interrupt()
             except Exception:
                 pass
 
@@ -60,7 +66,20 @@ def _install_logger() -> int:
     if not _BACKEND_READY:
         llama_cpp.llama_backend_init()
         _BACKEND_READY = True
+        raise_pending_interrupt()
     return _log_mark()
+
+
+def note_interrupt() -> None:
+    """In a callback llama.cpp runs: remember a KeyboardInterrupt for :func:`raise_pending_interrupt`."""
+    _PENDING_INTERRUPT[0] = True
+
+
+def raise_pending_interrupt() -> None:
+    """After a llama.cpp call: raise the KeyboardInterrupt one of its callbacks had to swallow."""
+    if _PENDING_INTERRUPT[0]:
+        _PENDING_INTERRUPT[0] = False
+        raise KeyboardInterrupt
 
 
 def _log_mark() -> int:
@@ -158,6 +177,10 @@ class LlamaModel:
         mp.use_extra_bufts = self.repack.use_extra_bufts
         mark = _log_mark()
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
+        if _PENDING_INTERRUPT[0]:  # Ctrl-C during the load: free what was loaded, then stop
+            if ptr:
+                llama_cpp.llama_model_free(ptr)
+            raise_pending_interrupt()
         if not ptr:
             why = last_log_error(mark)
             raise ModelLoadError(
@@ -237,6 +260,10 @@ class LlamaContext:
             cp.cb_eval_user_data = cb_user_data
         mark = _install_logger()
         ctx = llama_cpp.llama_init_from_model(model.ptr, cp)
+        if _PENDING_INTERRUPT[0]:
+            if ctx:
+                llama_cpp.llama_free(ctx)
+            raise_pending_interrupt()
         if not ctx:
             raise LlamatierError(
                 f"llama.cpp could not create a context (n_ctx={settings.n_ctx}, type_k="
@@ -285,6 +312,7 @@ class LlamaContext:
         # Wait for the compute to finish (and let llama.cpp settle its perf counters) so
         # that the caller's wall-clock time covers the whole step.
         llama_cpp.llama_synchronize(self.ptr)
+        raise_pending_interrupt()  # a Ctrl-C seen by the log or a Python capture callback: the step is not kept
         if rc != 0:
             raise LlamatierError(
                 f"llama_decode failed with code {rc} at position {pos0}: {last_log_error(mark) or 'no detail'} "
