@@ -203,7 +203,7 @@ SERVING_POLICIES: Registry[Any] = Registry(
 )
 EXECUTORS: Registry[Any] = Registry(
     "sweep executor", entry_point_group="llamatier.executors",
-    base="llamatier.sweep.executors:SweepExecutor", builtins="llamatier.sweep.executors",
+    base="llamatier.sweep.executors:SweepExecutor", builtins="llamatier.sweep",
 )
 ENGINES: Registry[Any] = Registry("engine", entry_point_group="llamatier.engines", builtins="llamatier.engines")
 

@@ -8,6 +8,7 @@ Parquet file (:func:`write_results`), one row per cell.
 
 from llamatier.sweep.budgets import BudgetPoint, parse_budgets
 from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, peak_kv_bytes, run_cell, summary_row
+from llamatier.sweep.cluster import DaskExecutor
 from llamatier.sweep.executors import (
     FuturesExecutor,
     ProcessExecutor,
@@ -34,6 +35,7 @@ from llamatier.sweep.tables import facet_tables
 __all__ = [
     "MEASURED_COLUMNS",
     "ROW_SCHEMA",
+    "DaskExecutor",
     "BudgetPoint",
     "FuturesExecutor",
     "ProcessExecutor",

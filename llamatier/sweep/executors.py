@@ -172,5 +172,3 @@ def make_executor(spec: str, jobs: int | None = None) -> SweepExecutor:
         raise LlamatierError(f"--executor {name} takes no address (got {spec!r}); e.g. --executor dask:tcp://HOST:8786")
     return EXECUTORS.create(name, jobs=jobs, address=target)
 
-
-from llamatier.sweep import cluster  # noqa: E402, F401 - registers the dask executor
