@@ -13,6 +13,7 @@ from rich.table import Table
 
 from llamatier.cli.app import RepackOpt, app, cli_errors, console, err_console, print_json
 from llamatier.errors import LlamatierError
+from llamatier.policies import layer_uniform_policies
 
 DEFAULT_KV_TYPES = "f16,q8_0,q5_0,q4_0,iq4_nl"
 
@@ -36,7 +37,7 @@ def quality(
     ),
     evict: str = typer.Option(
         None, "--evict",
-        help="Measure KV eviction instead: comma-separated layer-uniform policies (streaming, h2o, snapkv, adaptive-select).",
+        help=f"Measure KV eviction instead: comma-separated layer-uniform policies ({', '.join(layer_uniform_policies())}).",
     ),
     keep: str = typer.Option(None, "--keep", help="With --evict: block budgets, blocks kept per layer, e.g. 4,8,16,32."),
     trace: Path = typer.Option(None, "--trace", help="With --evict: the trace whose tokens are read and whose attention decides."),

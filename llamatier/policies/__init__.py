@@ -28,6 +28,7 @@ from llamatier.policies.eviction import (
     H2OPolicy,
     SnapKVPolicy,
     StreamingPolicy,
+    layer_uniform_policies,
 )
 from llamatier.policies.lru import LRUPolicy
 from llamatier.policies.oracle import OraclePolicy
@@ -63,6 +64,7 @@ __all__ = [
     "default_read_selection",
     "fill_by_priority",
     "get_policy",
+    "layer_uniform_policies",
     "make_policy",
     "policy_names",
     "register_policy",

@@ -39,6 +39,7 @@ import numpy as np
 from llamatier.errors import LlamatierError
 from llamatier.policies.adaptive import AdaptivePolicy, prefix_fit
 from llamatier.policies.base import Policy, StartDecision, StepDecision, StepView, register_policy
+from llamatier.registry import POLICIES
 from llamatier.tiers import ABSENT, N_TIERS, REMOTE
 
 if TYPE_CHECKING:
@@ -81,6 +82,11 @@ def keep_top(score: np.ndarray, candidates: np.ndarray, protected: list[int], bu
         order = np.lexsort((-cand, -score[cand]))  # best score first, then the newest
         keep[cand[order[:k]]] = True
     return keep
+
+
+def layer_uniform_policies() -> list[str]:
+    """Registered policies that keep the same blocks in every layer: those a llama.cpp run can apply."""
+    return [name for name in POLICIES.names() if getattr(POLICIES.get(name), "layer_uniform", False)]
 
 
 class EvictionPolicy(Policy):

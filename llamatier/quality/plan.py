@@ -29,8 +29,10 @@ from llamatier.policies import (
     StepView,
     default_read_selection,
     get_policy,
+    layer_uniform_policies,
 )
 from llamatier.replay import ReplayOptions, ReplayResult, replay
+from llamatier.replay.context import ReplayContext
 from llamatier.trace import Trace
 
 PLAN_PROFILE = "a100-40g"  # the plans' decisions depend on attention and budget only, not on the hardware
@@ -86,7 +88,7 @@ class _Recorder(Policy):
         self.is_bound = inner.is_bound
         self.reads: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, read mask, visible)
 
-    def start(self, ctx) -> StartDecision:  # noqa: ANN001 - ReplayContext
+    def start(self, ctx: ReplayContext) -> StartDecision:
         self.budget = int(ctx.options.block_budget)
         return self.inner.start(ctx)
 
@@ -129,7 +131,7 @@ def plan_eviction(
             raise LlamatierError(
                 f"policy {inner.name!r} reads different blocks in different layers (step {s}): llama.cpp's memory "
                 "API removes a position from every layer at once, so only layer-uniform policies can be measured "
-                "(streaming, h2o, snapkv, adaptive-select)"
+                f"({', '.join(layer_uniform_policies())})"
             )
     B = int(trace.block_tokens)
     pos = trace.steps["pos0"].to_numpy().astype(np.int64)[steps]
