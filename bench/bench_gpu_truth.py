@@ -4,7 +4,7 @@
 
 Reads the committed ground-truth set (llamatier/data/llama_bench_published.csv), fits the GPU
 step model on every usable row (what the built-in profiles carry), then for each GPU refits
-without that GPU's rows and predicts them. Goal (issue 16): every held-out tg128 and pp512 row
+without that GPU's rows and predicts them. Goal: every held-out tg128 and pp512 row
 within 15% and the -nkvo / all-on-GPU decode ratio within 20%. Prints one table per view and
 the goal count; no timing is measured here (the rows are published measurements).
 """

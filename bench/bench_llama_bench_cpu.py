@@ -5,7 +5,7 @@
 Reads rows measured by bench/llama_bench_cpu.py (its manifest names the fit and held-out
 depths), fits the host step-time model on the fit depths with the model's real geometry
 (Gemma 3 270M: 15 of 18 layers windowed to 512 tokens), predicts every held-out row, and
-prints measured vs predicted t/s with the median and p95 |error|. Goal (issue 16): median
+prints measured vs predicted t/s with the median and p95 |error|. Goal: median
 <= 5%, p95 <= 10% on the held-out rows. No timing is measured here.
 """
 

@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from llamatier.errors import LlamatierError
+from llamatier.userfiles import read_text_file
 
 # llama-bench's field names with the type its printers use (test::get_field_type), plus
 # the provenance columns llamatier adds: where the row came from.
@@ -369,11 +370,6 @@ def read_llama_bench(paths: str | Path | Sequence[str | Path]) -> pl.DataFrame:
     frames = []
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise LlamatierError(f"llama-bench file not found: {path} (give the file llama-bench -o ... wrote)")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LlamatierError(f"{path}: cannot read llama-bench output: {exc}") from None
+        text = read_text_file(path, what="llama-bench file", give="the file llama-bench -o ... wrote")
         frames.append(parse_llama_bench(text, path=str(path)))
     return pl.concat(frames, how="diagonal_relaxed")
