@@ -17,7 +17,7 @@ import pytest
 from llamatier.engines.llamacpp import repack
 from llamatier.errors import LlamatierError
 from llamatier.trace import load_trace
-from tests.conftest import assert_one_line_error, run_cli_subprocess, trace_model
+from tests.conftest import assert_one_line_error, run_cli, run_cli_subprocess, trace_model
 
 SEGFAULT = [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"]
 CLEAN_EXIT = [sys.executable, "-c", "pass"]
@@ -122,16 +122,16 @@ def test_cli_falls_back_on_a_cached_crash_verdict_and_inspect_shows_it(tiny_mode
     assert (rec["use_extra_bufts"], rec["source"]) == (False, "cached probe")
     notes = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(notes) == 1 and notes[0].startswith("note: llama.cpp crashed (SIGSEGV) in a test decode")
-    shown = run_cli_subprocess("inspect", str(out), env=env)
+    shown = run_cli("inspect", str(out), env=env)
     assert "off (probe crashed)" in shown.stdout
-    js = json.loads(run_cli_subprocess("inspect", str(out), "--json", env=env).stdout)
+    js = json.loads(run_cli("inspect", str(out), "--json", env=env).stdout)
     assert js["repack"] == {"use_extra_bufts": False, "recorded": True, "summary": "off (probe crashed)"}
 
 
 def test_calibration_never_mixes_repacked_and_plain_runs(tiny_model, tmp_path) -> None:
     for name, flag in (("on", True), ("off", False)):
         trace_model(tiny_model, tmp_path / name, n_predict=12, engine_options={"repack": flag})
-    p = run_cli_subprocess("calibrate", str(tmp_path / "on"), str(tmp_path / "off"), "--out", str(tmp_path / "h.toml"))
+    p = run_cli("calibrate", str(tmp_path / "on"), str(tmp_path / "off"), "--out", str(tmp_path / "h.toml"))
     assert_one_line_error(p, "mix", "repacking on", "off", "calibrate each group separately")
     assert not (tmp_path / "h.toml").exists()
     from llamatier.calibrate import calibrate_profile, write_calibrated_profile

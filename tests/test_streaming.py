@@ -17,7 +17,7 @@ from llamatier.replay.reference import replay_reference
 from llamatier.replay.synthetic import synthetic_trace
 from llamatier.target import geometry_preset
 from llamatier.trace import load_trace
-from tests.test_reference import assert_same
+from tests.strategies import KV_TOKEN_BYTES_PER_LAYER, assert_same, synthetic_traces
 from tests.test_trace_chunks import resplit, write_trace
 
 POLICIES = ("static", "lru", "adaptive", "oracle")
@@ -25,14 +25,8 @@ POLICIES = ("static", "lru", "adaptive", "oracle")
 
 @st.composite
 def streamed_case(draw: st.DrawFn) -> tuple:
-    n_layers = draw(st.integers(1, 3))
-    n_prompt, n_decode = draw(st.integers(1, 90)), draw(st.integers(0, 14))
-    trace = synthetic_trace(
-        n_layers=n_layers, n_prompt=n_prompt, n_decode=n_decode, block_tokens=draw(st.sampled_from([4, 8, 16])),
-        sliding_window=draw(st.sampled_from([0, 0, 12, 33])), swa_pattern=draw(st.sampled_from([0, 2])),
-        prefill_chunk=draw(st.sampled_from([None, 16, 25])), seed=draw(st.integers(0, 10_000)),
-    )
-    total = 2 * 2 * 64 * 2 * n_layers * (n_prompt + n_decode)
+    trace = draw(synthetic_traces(max_prompt=90, decode=(0, 14), windows=(0, 0, 12, 33), ctx_slack=(0,)))
+    total = KV_TOKEN_BYTES_PER_LAYER * trace.n_layers * int(trace.context_tokens[-1])
     sparse = draw(st.booleans())
     what_if = draw(st.sampled_from([False, False, True]))
     opts = ReplayOptions(
