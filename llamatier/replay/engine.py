@@ -195,6 +195,70 @@ class _RangeMask:
         self.lo, self.hi = lo.copy(), hi
 
 
+class _BlockWindow:
+    """Which blocks exist, are visible and are new at each step, as masks updated in place.
+
+    ``advance(s, ...)`` moves to step ``s`` (and records the KV its sliding
+    window lets go, by the tier it was in); ``finish()`` makes this step the
+    previous one. Every stored block lies in columns ``c0 .. hi``.
+    """
+
+    def __init__(self, ctx: ReplayContext) -> None:
+        L, NB = ctx.n_layers, ctx.n_blocks
+        self.ctx = ctx
+        self.same_vis = bool(np.array_equal(ctx.lo_visible, ctx.lo_alive))
+        self.alive_m = _RangeMask(L, NB)
+        self.visible_m = self.alive_m if self.same_vis else _RangeMask(L, NB)
+        self.new_m = np.zeros((L, NB), dtype=bool)  # blocks that appear this step, in columns new_c0:new_c1
+        self.no_blocks = np.zeros((L, NB), dtype=bool)
+        self.no_blocks.flags.writeable = False
+        self.new_c0 = self.new_c1 = 0
+        self.hi_prev, self.lo_prev = 0, np.zeros(L, dtype=np.int64)
+
+    def advance(self, s: int, placement: np.ndarray, freed: np.ndarray) -> None:
+        """Step ``s``'s blocks; ``freed`` [N_TIERS] gets the bytes of blocks that left, by their tier in ``placement``."""
+        ctx = self.ctx
+        self.hi = hi = int(ctx.hi_block[s])
+        self.lo_a, self.lo_v = lo_a, lo_v = ctx.lo_alive[s], ctx.lo_visible[s]
+        lo_prev, hi_prev = self.lo_prev, self.hi_prev
+        self.lo_moved = not np.array_equal(lo_a, lo_prev)
+        self.grew = hi > hi_prev or s == 0
+        self.c0 = int(lo_a.min())
+        if self.lo_moved:  # blocks that leave (sliding window), by the tier they were in
+            g0 = int(lo_prev.min())
+            gone = np.arange(g0, int(lo_a.max())) >= lo_prev[:, None]
+            gone &= np.arange(g0, int(lo_a.max())) < np.minimum(lo_a, hi_prev)[:, None]
+            if gone.any():
+                w = np.broadcast_to(ctx.block_bytes[:, None], gone.shape)[gone]
+                freed[:] = np.bincount(placement[:, g0 : g0 + gone.shape[1]][gone].astype(np.int64), weights=w,
+                                       minlength=N_TIERS)
+        self.alive_m.update(lo_a, hi)
+        if not self.same_vis:
+            self.visible_m.update(lo_v, hi)
+        self.alive, self.visible = self.alive_m.mask, self.visible_m.mask
+        if self.new_c1 > self.new_c0:
+            self.new_m[:, self.new_c0 : self.new_c1] = False
+        self.new_c0, self.new_c1 = (hi_prev, hi) if self.grew else (0, 0)
+        self.new_m[:, self.new_c0 : self.new_c1] = self.alive[:, self.new_c0 : self.new_c1]
+        self.new = self.new_m if self.grew else self.no_blocks
+
+    def alloc_bytes(self, read_tier: np.ndarray | int, out: np.ndarray) -> None:
+        """``out`` [N_TIERS]: bytes of this step's new blocks, by the tier they are written to."""
+        if not self.grew:
+            return
+        bb = self.ctx.block_bytes
+        nw = self.new[:, self.new_c0 : self.new_c1]
+        if isinstance(read_tier, int):
+            out[read_tier] = float((nw.sum(axis=1) * bb).sum())
+        else:
+            w = np.broadcast_to(bb[:, None], nw.shape)[nw]
+            out[:] = np.bincount(read_tier[:, self.new_c0 : self.new_c1][nw].astype(np.int64), weights=w,
+                                 minlength=N_TIERS)
+
+    def finish(self) -> None:
+        self.hi_prev, self.lo_prev = self.hi, self.lo_a
+
+
 def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decision_s: float) -> EngineRecord:
     """Step by step: the policy decides, then counts of the step's reads, writes and moves.
 
@@ -205,49 +269,21 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
     bb = ctx.block_bytes
     reserved = np.zeros(N_TIERS) if start.reserved_bytes is None else np.asarray(start.reserved_bytes, dtype=np.float64)
     caps = capacity_of(ctx, start)
-    no_blocks = np.zeros((L, NB), dtype=bool)
-    no_blocks.flags.writeable = False
     out = _StepCounts(S, L)
     n_visible = (ctx.hi_block[:, None] - ctx.lo_visible).sum(axis=1).astype(np.float64)
     wants_mass = ctx.options.mode == "sparse" or policy.wants_mass()
     masses = ctx.iter_mass() if wants_mass else None
 
-    same_vis = bool(np.array_equal(ctx.lo_visible, ctx.lo_alive))
-    alive_m = _RangeMask(L, NB)
-    visible_m = alive_m if same_vis else _RangeMask(L, NB)
-    new_m = np.zeros((L, NB), dtype=bool)  # blocks that appear this step, in columns new_c0:new_c1
-    new_c0 = new_c1 = 0
+    win = _BlockWindow(ctx)
     P = np.array(start.placement, dtype=np.int8, copy=True)
-    hi_prev, lo_prev = 0, np.zeros(L, dtype=np.int64)
     st_prev = np.zeros(N_TIERS)
     counts_prev = np.zeros((L, N_TIERS))
     for s in range(S):
-        # -- which blocks exist and are visible this step ----------------------------------
-        hi = int(ctx.hi_block[s])
-        lo_a, lo_v = ctx.lo_alive[s], ctx.lo_visible[s]
-        lo_moved = not np.array_equal(lo_a, lo_prev)
-        grew = hi > hi_prev or s == 0
-        c0 = int(lo_a.min())  # every stored block lies in columns c0:hi
-        if lo_moved:  # blocks that leave (sliding window), by the tier they were in
-            g0 = int(lo_prev.min())
-            gone = np.arange(g0, int(lo_a.max())) >= lo_prev[:, None]
-            gone &= np.arange(g0, int(lo_a.max())) < np.minimum(lo_a, hi_prev)[:, None]
-            if gone.any():
-                w = np.broadcast_to(bb[:, None], gone.shape)[gone]
-                out.freed[s] = np.bincount(P[:, g0 : g0 + gone.shape[1]][gone].astype(np.int64), weights=w,
-                                           minlength=N_TIERS)
-        alive_m.update(lo_a, hi)
-        if not same_vis:
-            visible_m.update(lo_v, hi)
-        alive, visible = alive_m.mask, visible_m.mask
-        if new_c1 > new_c0:
-            new_m[:, new_c0:new_c1] = False
-        new_c0, new_c1 = (hi_prev, hi) if grew else (0, 0)
-        new_m[:, new_c0:new_c1] = alive[:, new_c0:new_c1]
-        new = new_m if grew else no_blocks
+        win.advance(s, P, out.freed[s])
+        hi, c0 = win.hi, win.c0
         view = StepView(
-            step=s, decode=bool(ctx.is_decode[s]), hi_block=hi, lo_alive=lo_a, lo_visible=lo_v,
-            new_lo_block=int(ctx.pos0[s]) // B, alive=alive, visible=visible, new_blocks=new,
+            step=s, decode=bool(ctx.is_decode[s]), hi_block=hi, lo_alive=win.lo_a, lo_visible=win.lo_v,
+            new_lo_block=int(ctx.pos0[s]) // B, alive=win.alive, visible=win.visible, new_blocks=win.new,
             placement=P, occupancy_bytes=st_prev - out.freed[s],
         )
 
@@ -257,13 +293,13 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
         decision_s += time.perf_counter() - t0
         P_new = P if dec.placement is None else dec.placement
         if P_new.shape != (L, NB):
-            _check_placement(ctx, policy, P_new, alive, s)
-        if P_new is P and not grew and not lo_moved:
+            _check_placement(ctx, policy, P_new, win.alive, s)
+        if P_new is P and not win.grew and not win.lo_moved:
             counts_alive = counts_prev  # nothing moved, appeared or left: same counts
         else:
-            counts_alive = _tier_counts(P_new[:, c0:hi], alive[:, c0:hi])
-            if (counts_alive.sum(axis=1) != hi - lo_a).any():
-                _check_placement(ctx, policy, P_new, alive, s)
+            counts_alive = _tier_counts(P_new[:, c0:hi], win.alive[:, c0:hi])
+            if (counts_alive.sum(axis=1) != hi - win.lo_a).any():
+                _check_placement(ctx, policy, P_new, win.alive, s)
         read_tier = P_new if dec.read_tier is None else dec.read_tier
         if isinstance(read_tier, np.integer):
             read_tier = int(read_tier)  # every access served from one tier
@@ -276,14 +312,8 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
                 raise LlamatierError(f"the trace's attention came back for step {ms} at step {s}: re-record the trace")
         _count_reads(ctx, policy, s, view, dec, P_new, read_tier, counts_alive, mass, c0, out)
         _write_counts(ctx, s, read_tier, out.write_bytes[s], out.write_blocks[s])
-        if grew:
-            nw = new[:, new_c0:new_c1]
-            if isinstance(read_tier, int):
-                out.alloc[s, read_tier] = float((nw.sum(axis=1) * bb).sum())
-            else:
-                w = np.broadcast_to(bb[:, None], nw.shape)[nw]
-                out.alloc[s] = np.bincount(read_tier[:, new_c0:new_c1][nw].astype(np.int64), weights=w, minlength=N_TIERS)
-        _count_moves(policy, s, dec, P, P_new, lo_prev, hi_prev, lo_a, bb, out)
+        win.alloc_bytes(read_tier, out.alloc[s])
+        _count_moves(policy, s, dec, P, P_new, win.lo_prev, win.hi_prev, win.lo_a, bb, out)
         st = counts_alive.T @ bb
         occ = st if start.reserved_bytes is None else reserved  # a reservation holds its blocks
         _check_capacity(caps, policy, occ, s)
@@ -293,7 +323,8 @@ def _run_steps(ctx: ReplayContext, policy: Policy, start: StartDecision, decisio
             t0 = time.perf_counter()
             policy.observe(view, mass)
             decision_s += time.perf_counter() - t0
-        P, st_prev, hi_prev, lo_prev, counts_prev = P_new, st, hi, lo_a, counts_alive
+        P, st_prev, counts_prev = P_new, st, counts_alive
+        win.finish()
 
     return out.record(ctx, start, n_visible, decision_s, "vectorised")
 
