@@ -17,6 +17,7 @@ from llamatier.errors import LlamatierError
 from llamatier.policies import get_policy
 from llamatier.quality import load_eviction_rows, measure_eviction, plan_eviction, save_eviction
 from llamatier.replay import ReplayOptions, replay
+from llamatier.sweep.frontier import same_trace
 from llamatier.trace import load_trace
 from llamatier.trace.chunks import ArrayMassSource
 from tests.conftest import TINY_PROMPT, assert_one_line_error, run_cli, trace_model
@@ -265,6 +266,8 @@ def test_committed_gemma_results_match_their_proxy_figures() -> None:
     frame = pl.concat(rows, how="diagonal_relaxed")
     assert frame.height >= 30 and frame["policy"].n_unique() >= 3 and frame["keep_blocks"].n_unique() >= 5
     assert frame["trace"].n_unique() >= 2
+    for d in sorted(frame["trace"].unique()):  # each was measured on the committed trace of its name
+        assert same_trace(frame.filter(pl.col("trace") == d), load_trace(REPO / "traces" / d)).height >= 20
     saved = json.loads((base / "proxy.json").read_text())
     fresh = proxy_correlation(frame, pl.concat(steps))
     assert saved["rho_mass_vs_kl"] == pytest.approx(fresh["rho_mass_vs_kl"])

@@ -254,3 +254,12 @@ def test_trace_metadata_never_holds_nan(tmp_path):
         TraceWriter(tmp_path / "t", {"context": {"temperature": math.nan}}, n_layers=2, block_tokens=16)
     text = json.dumps(meta_of(REPO / "traces" / "gemma3-270m-1k"))
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_every_committed_trace_loads():
+    """Committed traces are in the current format (a v1 trace committed later fails here, not in a user's run)."""
+    dirs = sorted(p.parent for p in (REPO / "traces").rglob("meta.json"))
+    assert len(dirs) >= 3
+    for d in dirs:
+        tr = load_trace(d)
+        assert tr.n_steps == json.loads((d / "meta.json").read_text())["n_steps"], d
