@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -11,6 +12,9 @@ from llamatier.cli.options import replay_options
 from llamatier.errors import LlamatierError
 from llamatier.registry import EXECUTORS, POLICIES
 from llamatier.replay import DEFAULT_POLICIES, ReplayOptions
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 @app.command()
@@ -147,7 +151,7 @@ def sweep(
     console.print(f"[green]wrote[/] {df.height} rows to [bold]{out}[/]" + (f"; plot [bold]{plot}[/]" if plot else ""))
 
 
-def _print_tables(df) -> None:  # noqa: ANN001 - polars DataFrame
+def _print_tables(df: pl.DataFrame) -> None:
     from rich.table import Table
 
     from llamatier.sweep import facet_tables
@@ -168,7 +172,7 @@ def _print_tables(df) -> None:  # noqa: ANN001 - polars DataFrame
         console.print(table)
 
 
-def _print_frontier(df) -> None:  # noqa: ANN001 - polars DataFrame
+def _print_frontier(df: pl.DataFrame) -> None:
     import polars as pl
     from rich.table import Table
 

@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,6 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llamatier.cli.app import RepackOpt, app, cli_errors, console, print_json
 from llamatier.engines import ENGINES
 from llamatier.errors import LlamatierError
+
+if TYPE_CHECKING:
+    from llamatier.trace.tracer import TraceConfig, TraceSummary
 
 
 def _default_threads() -> int:
@@ -23,7 +27,7 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_with_progress(cfg):  # noqa: ANN001, ANN201 - TraceConfig -> TraceSummary
+def run_with_progress(cfg: TraceConfig) -> TraceSummary:
     """Run the tracer under a rich progress bar showing tokens and tok/s."""
     from llamatier.trace.tracer import run_trace
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llamatier.cost import StepCosts
+from llamatier.cost import CostModel, StepCosts
 from llamatier.errors import LlamatierError
 from llamatier.hardware.hostmodel import BASE_TERMS
 from llamatier.serving.context import ServingContext
@@ -34,8 +36,12 @@ from llamatier.serving.plan import Plan
 from llamatier.serving.policies.base import ServingPolicy
 from llamatier.serving.requests import DECODE, DONE, PREFILL, WAITING, Request
 from llamatier.serving.traffic import TrafficBuffer, TrafficCounter
-from llamatier.serving.ubatch import Segment, ubatch_counts
+from llamatier.serving.ubatch import KVLayout, Segment, ubatch_counts
 from llamatier.tiers import N_LINKS, N_TIERS
+
+if TYPE_CHECKING:
+    from llamatier.hardware.hostmodel import HostComputeModel
+    from llamatier.trace import Trace
 
 MAX_CHUNK_STEPS = 16
 CHUNK_SAFETY = 0.5
@@ -391,7 +397,7 @@ def _next_think(plan: Plan, r: Request) -> float | None:
     return float(plan.req_think_s[nxt]) if nxt >= 0 else None
 
 
-def _host_counts(ch: _Chunk, row: int, policy: ServingPolicy, layout, batch: list[Request],  # noqa: ANN001
+def _host_counts(ch: _Chunk, row: int, policy: ServingPolicy, layout: KVLayout, batch: list[Request],
                  c: np.ndarray, n: np.ndarray) -> None:
     """One step's host-model work counts: llama.cpp's ubatches of the batch, each sequence with its own cells."""
     segs = []
@@ -409,8 +415,8 @@ def _host_counts(ch: _Chunk, row: int, policy: ServingPolicy, layout, batch: lis
     ch.host_copy_bytes[row] = policy.take_host_copy_bytes()
 
 
-def _prefill_alone_s(ctx: ServingContext, model, counter: TrafficCounter, host_model, layout,  # noqa: ANN001
-                     c0: int, k: int, out: bool) -> float:
+def _prefill_alone_s(ctx: ServingContext, model: CostModel, counter: TrafficCounter,
+                     host_model: HostComputeModel | None, layout: KVLayout, c0: int, k: int, out: bool) -> float:
     """The model's time for one sequence's prompt chunk of ``k`` tokens after ``c0``, alone in a step."""
     if host_model is not None:
         counts = ubatch_counts([Segment(seq=0, ctx=c0, n=k, out=out)], layout)
@@ -423,7 +429,7 @@ def _prefill_alone_s(ctx: ServingContext, model, counter: TrafficCounter, host_m
     return float(model.evaluate(buf.traffic(1)).step_s[0])
 
 
-def _measured_scale(trace, measured_s: float, alone) -> float:  # noqa: ANN001
+def _measured_scale(trace: Trace, measured_s: float, alone: Callable[[int, int, bool], float]) -> float:
     """A trace's measured prefill time over the model's time for the same prompt chunks."""
     dec = trace.is_decode
     pos0 = trace.steps["pos0"].to_numpy()[~dec]
