@@ -16,6 +16,8 @@ from llamatier.replay import DEFAULT_POLICIES, ReplayOptions
 if TYPE_CHECKING:
     import polars as pl
 
+    from llamatier.sweep import SweepCell
+
 
 @app.command()
 @cli_errors
@@ -62,26 +64,14 @@ def sweep(
     options: ReplayOptions,
 ) -> None:
     """Replay every combination of profile, KV type, policy and HBM budget; write one Parquet row per cell."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from llamatier.replay.options import parse_policy_params
     from llamatier.sweep import (
-        SweepInterrupted,
         check_jobs,
         check_out_path,
         claim_out_file,
         make_cells,
         parse_block_budgets,
         parse_budgets,
-        rows_frame,
-        run_cells,
         write_results,
     )
     from llamatier.sweep.executors import executor_spec
@@ -108,6 +98,36 @@ def sweep(
         kv_types=kv_types, policy_params=params, options=options, mode=mode,
         block_budgets=parse_block_budgets(block_budget),
     )
+    df = _run_with_progress(cells, executor, jobs, out)
+    errors = df.filter(df["error"].is_not_null())
+    if errors.height == df.height:
+        raise LlamatierError(f"no sweep cell could be replayed: {errors['error'][0]}")
+    if measured is not None:
+        from llamatier.sweep import join_measured
+        from llamatier.sweep.cells import cached_trace
+
+        df = join_measured(df, measured, cached_trace(str(trace)))
+    write_results(df, out)
+    if plot is not None:
+        from llamatier.plots import plot_frontier, plot_sweep, save_figure
+
+        save_figure(plot_frontier(df) if measured is not None else plot_sweep(df), plot)
+    _report(df, errors, out, plot, frontier=measured is not None, json_out=json_out)
+
+
+def _run_with_progress(cells: list[SweepCell], executor: str, jobs: int | None, out: Path) -> pl.DataFrame:
+    """Run the cells under a progress bar; on Ctrl-C or a failed pool, keep the finished rows in ``out``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from llamatier.sweep import SweepInterrupted, rows_frame, run_cells, write_results
+
     with Progress(
         TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
@@ -119,20 +139,11 @@ def sweep(
         except SweepInterrupted as exc:
             kept = f"the {len(exc.rows)} finished rows are in {write_results(rows_frame(exc.rows), out)}" if exc.rows else "no cell had finished"
             raise LlamatierError(f"{exc}: {kept}; run the sweep again for the rest", exit_code=130) from None
-    df = rows_frame(rows)
-    errors = df.filter(df["error"].is_not_null())
-    if errors.height == df.height:
-        raise LlamatierError(f"no sweep cell could be replayed: {errors['error'][0]}")
-    if measured is not None:
-        from llamatier.sweep import join_measured
-        from llamatier.sweep.cells import _trace
+    return rows_frame(rows)
 
-        df = join_measured(df, measured, _trace(str(trace)))
-    write_results(df, out)
-    if plot is not None:
-        from llamatier.plots import plot_frontier, plot_sweep, save_figure
 
-        save_figure(plot_frontier(df) if measured is not None else plot_sweep(df), plot)
+def _report(df: pl.DataFrame, errors: pl.DataFrame, out: Path, plot: Path | None, *, frontier: bool, json_out: bool) -> None:
+    """Warn about cells that failed, then print the rows (JSON, or tables: the frontier with measured accuracy)."""
     if errors.height:
         err_console.print(
             f"[yellow]warning:[/] {errors.height} of {df.height} cells could not be replayed "
@@ -142,7 +153,7 @@ def sweep(
     if json_out:
         print_json({"out": str(out), "plot": str(plot) if plot else None, "rows": df.to_dicts()})
         return
-    if measured is not None:
+    if frontier:
         _print_frontier(df)
     else:
         _print_tables(df)

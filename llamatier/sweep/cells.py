@@ -46,21 +46,21 @@ class SweepCell:
         return replace(self.options, hbm_budget_bytes=hbm_budget_bytes, hbm_budget_fraction=None)
 
 
-# -- per-process caches (a worker loads each trace/profile once) ----------------------------
+# -- per-process caches: a worker loads each trace, profile and geometry once ---------------
 
 
 @lru_cache(maxsize=4)
-def _trace(path: str) -> Trace:
+def cached_trace(path: str) -> Trace:
     return load_trace(path)
 
 
 @lru_cache(maxsize=16)
-def _profile(name: str) -> Profile:
+def cached_profile(name: str) -> Profile:
     return load_profile(name)
 
 
 @lru_cache(maxsize=16)
-def _geometry(name: str) -> Any:
+def cached_geometry(name: str) -> Any:
     from llamatier.target import resolve_geometry
 
     return resolve_geometry(name)
@@ -185,9 +185,9 @@ def run_cell(cell: SweepCell) -> dict[str, Any]:
         runs=False,
     )
     try:
-        trace = _trace(resolve_trace(cell.trace_path, cell.trace_digest))
+        trace = cached_trace(resolve_trace(cell.trace_path, cell.trace_digest))
         row["traced_model"] = trace.model.name
-        profile = _profile(cell.profile)
+        profile = cached_profile(cell.profile)
         ctx = prepare(trace, profile, cell.replay_options(None))
         row["kv_type"] = f"{ctx.type_k.name}/{ctx.type_v.name}"
         row["block_tokens"] = ctx.block_tokens

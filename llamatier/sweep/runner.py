@@ -17,7 +17,14 @@ from llamatier.registry import EXECUTORS
 from llamatier.replay import DEFAULT_POLICIES
 from llamatier.replay.budgets import BudgetPoint
 from llamatier.replay.options import ReplayOptions, policy_param_grid
-from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, _geometry, _profile, _trace, run_cell
+from llamatier.sweep.cells import (
+    ROW_SCHEMA,
+    SweepCell,
+    cached_geometry,
+    cached_profile,
+    cached_trace,
+    run_cell,
+)
 from llamatier.sweep.executors import FuturesExecutor, SweepExecutor, make_executor
 
 ProgressFn = Callable[[int, int], None]  # (cells done, cells total)
@@ -57,7 +64,7 @@ def make_cells(
     from llamatier.registry import POLICIES
 
     path = str(Path(trace_path))
-    trace = _trace(path)  # a missing or corrupt trace fails here, once
+    trace = cached_trace(path)  # a missing or corrupt trace fails here, once
     pols = [p for p in _split(policies) if p]
     profs = [p for p in _split(profiles) if p]
     kvs = _split(kv_types)
@@ -71,13 +78,13 @@ def make_cells(
         raise LlamatierError("no KV types given: e.g. --kv-types f16,q8_0,q4_0/f16 (or leave it out for the trace's)")
     pols = list(dict.fromkeys(POLICIES.canonical(p) for p in pols))
     for p in profs:
-        _profile(p)
+        cached_profile(p)
     for k in kvs:
         if k is not None:
             parse_kv_pair(k)
     geometry = option_fields.pop("geometry", None)
     if geometry is not None:
-        option_fields["target"] = _geometry(geometry)
+        option_fields["target"] = cached_geometry(geometry)
     blocks = parse_block_budgets(block_budgets)
     if blocks[0] is not None:
         option_fields["block_budget"] = blocks[0]
