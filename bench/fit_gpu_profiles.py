@@ -66,6 +66,9 @@ def block_for(profile_name: str, fit) -> str:  # noqa: ANN001
         "# fields above) or `tied` (fitted as one coefficient with a related term).",
         "[compute.gpu_model]",
     ]
+    kin = [g for g in gm.fitted_on if g != spec.name and g.split()[0] == spec.name.split()[0]]
+    if kin and not own:  # e.g. the A100 80GB PCIe for the SXM A100s: same chip, its own datasheet numbers
+        lines.insert(-3, f"# The same chip is in the set as the {', '.join(kin)} (its held-out error: docs/accuracy.md).")
     lines += gpu_model_lines(gm, _COMMENTS)
     return "\n".join(lines) + "\n"
 
