@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> None:
         "build_s": build_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_replay_bytes": rss_before, "decision_s": r.record.decision_s,
         "p99_s": r.summary().get("latency", {}).get("p99_s"), "digest": _digest(r), "trace": "dense" if args.dense else "lazy",
-        "mode": opts.mode,
+        "mode": opts.mode, "runs": bool(r.runs), "verdict": r.verdict,
     }
     print(json.dumps(out))
 
@@ -127,6 +127,8 @@ def main() -> None:
             print(f"{n:>8} {r['steps']:>6} {pol:<9} {r['accesses']:>14,} {r['cpu_s']:>8.2f} "
                   f"{r['rate_per_cpu_s'] / 1e6:>8.1f} {r['peak_rss_bytes'] / 2**30:>8.2f} G {r['build_s']:>8.1f} "
                   f"{r['digest']}", flush=True)
+            if not r["runs"]:
+                print(f"{'':>16} {r['verdict']}", flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps({"bench": "scale", "rows": rows}, indent=2))
 
