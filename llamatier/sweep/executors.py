@@ -101,7 +101,7 @@ class ProcessExecutor(SweepExecutor):
         # forkserver: workers do not inherit the parent's threads (the progress bar's) or llama.cpp state
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         if method == "forkserver":
-            _start_forkserver_without_sigint()
+            start_forkserver_without_sigint()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
         futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
         try:
@@ -123,7 +123,7 @@ class ProcessExecutor(SweepExecutor):
             pool.shutdown(cancel_futures=True)
 
 
-def _start_forkserver_without_sigint() -> None:
+def start_forkserver_without_sigint() -> None:
     """Start the forkserver with SIGINT ignored, so that sweep workers never see Ctrl-C.
 
     An ignored signal stays ignored across fork and exec (Python then installs no
