@@ -68,14 +68,37 @@ def test_writer_leaves_out_blocks_without_attention(tmp_path):
     assert rows == np.count_nonzero(tr.mass) < tr.n_layers * int(tr.visible_blocks.sum())
 
 
-def test_dense_source_steps_without_rows_are_zero():
+class RowsOnly(ArrayMassSource):
+    """The same array, read as rows (as a trace directory is) instead of whole steps."""
+
+    dense_steps = False
+
+
+@pytest.mark.parametrize("source", [ArrayMassSource, RowsOnly])
+def test_dense_source_steps_without_rows_are_zero(source):
     mass = np.zeros((5, 2, 3), dtype=np.float32)
     mass[1, 0, 2] = mass[3, 1, 0] = 1.0
+    mass[2, 1, 1] = -0.0
     for reverse in (False, True):
-        got = dict(iter_step_mass(ArrayMassSource(mass, steps_per_batch=2), reverse=reverse))
+        got = dict(iter_step_mass(source(mass, steps_per_batch=2), reverse=reverse))
         assert sorted(got) == list(range(5))
         for s in range(5):
             np.testing.assert_array_equal(got[s], mass[s])
+        assert not np.signbit(got[2]).any()  # a cell without a row is 0.0 on both paths
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_whole_steps_equal_rows_bit_for_bit(lazy):
+    tr = synthetic_trace(n_layers=3, n_prompt=150, n_decode=9, sliding_window=40, swa_pattern=2, prefill_chunk=37,
+                         lazy=lazy)  # tr.mass: gathered from the source's rows
+    layers = np.array([2, 0, 0, 1])
+    for group in (1, 3):
+        for reverse in (False, True):
+            whole = iter_step_mass(tr.source, reverse=reverse, layers=layers, group=group)
+            rows = iter_step_mass(RowsOnly(tr.mass, steps_per_batch=4), reverse=reverse, layers=layers, group=group)
+            for (s, a), (t, b) in zip(whole, rows, strict=True):
+                assert s == t and a.dtype == b.dtype == np.float32
+                np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 def test_rows_out_of_step_order_are_one_error(tmp_path):

@@ -54,6 +54,11 @@ class SyntheticMassSource(MassSource):
         m /= m.sum(axis=1, keepdims=True)
         return lo, m
 
+    dense_steps = True
+
+    def step_dense(self, s: int) -> np.ndarray:
+        return self.step_mass(s)[1]
+
     def batches(self, *, reverse: bool = False) -> Iterator[RowBatch]:
         starts = range(0, self.n_steps, self.steps_per_batch)
         for s0 in reversed(starts) if reverse else starts:

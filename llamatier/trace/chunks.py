@@ -67,6 +67,12 @@ class MassSource(ABC):
         continue in the next batch.
         """
 
+    dense_steps: bool = False  # True: step_dense gives each step whole, and iter_step_mass skips the rows
+
+    def step_dense(self, s: int) -> np.ndarray:
+        """Step s's mass as float32 [layers, leading blocks] (sources whose ``dense_steps`` is True)."""
+        raise NotImplementedError
+
     def dense(self) -> np.ndarray:
         """The whole mass as float32 [steps, layers, blocks] (small traces only)."""
         out = np.zeros((self.n_steps, self.n_layers, self.n_blocks), dtype=np.float32)
@@ -91,6 +97,11 @@ class ArrayMassSource(MassSource):
             if reverse:
                 s, layer, b = s[::-1], layer[::-1], b[::-1]
             yield RowBatch(s + s0, layer, b, part[s, layer, b])
+
+    dense_steps = True
+
+    def step_dense(self, s: int) -> np.ndarray:
+        return self.mass[s]
 
     def dense(self) -> np.ndarray:
         return self.mass
@@ -191,9 +202,11 @@ def iter_step_mass(
 
     fine_width = max(width * group, NB)
 
-    def emit(rows: RowBatch | None, s: int) -> tuple[int, np.ndarray]:
+    def emit(rows: RowBatch | None, s: int, step: np.ndarray | None = None) -> tuple[int, np.ndarray]:
         dense = np.zeros((L, fine_width), dtype=np.float32)
-        if rows is not None and rows.n_rows:
+        if step is not None:  # + 0 turns -0.0 into the 0.0 that a cell without a row holds
+            np.add(step, np.float32(0.0), out=dense[:, : step.shape[1]])
+        elif rows is not None and rows.n_rows:
             dense[rows.layer, rows.block] = rows.mass
         if group > 1:  # coarser blocks: the same float32 sums as a reshape of the whole array
             dense = dense[:, : width * group].reshape(L, width, group).sum(axis=2)
@@ -201,6 +214,10 @@ def iter_step_mass(
             dense = dense[:, :width]
         return s, (dense if layers is None else dense[layers])
 
+    if source.dense_steps:
+        for s in steps:
+            yield emit(None, s, source.step_dense(s))
+        return
     for batch in source.batches(reverse=reverse):
         if batch.n_rows == 0:
             continue
