@@ -98,8 +98,9 @@ class DaskExecutor(SweepExecutor):
 
 def _local_cluster(n_workers: int) -> tuple[Any, Any]:
     """A LocalCluster whose worker processes fork from a forkserver that has Dask imported, as the
-    process pool's do: spawning each worker (Dask's default) costs about 2 s more per sweep to start
-    and stop on two cores. The forkserver ignores Ctrl-C, so only this process handles it."""
+    process pool's do: spawned workers (Dask's default) each import Dask and take longer to stop
+    (a 1,000-cell sweep on two cores: 20.9 s against 20.3 s). The forkserver ignores Ctrl-C, so
+    only this process handles it."""
     import dask
     from distributed import Client, LocalCluster
 
