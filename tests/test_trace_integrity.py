@@ -137,6 +137,36 @@ def test_broken_tables_are_one_line_naming_the_rule(copy, name, damage, needle):
     assert needle in msg and "\n" not in msg, msg
 
 
+def _drop_faintest_inner_row(df: pl.DataFrame) -> pl.DataFrame:
+    """Without the row of least mass that has neighbours in its (step, layer): the sums still reach 1."""
+    g = pl.struct("step", "layer")
+    inner = (g == g.shift(1)) & (g == g.shift(-1))
+    i = df.with_row_index().filter(inner).sort("mass")["index"][0]
+    return df.with_row_index().filter(pl.col("index") != i).drop("index")
+
+
+def test_a_faint_row_missing_inside_a_range_is_caught(copy):
+    """A row whose mass is below the sum tolerance, removed by a writer that reseals: the range has a gap."""
+    d = copy()
+    _map_table(d, "attn-00001.parquet", _drop_faintest_inner_row)
+    with pytest.raises(TraceFormatError, match="a gap before this row"):
+        load_trace(d)
+    d = copy("positions")
+    _map_table(d, "positions-00002.parquet", _drop_faintest_inner_row)
+    load_trace(d)  # positions are read only when asked for
+    with pytest.raises(TraceFormatError, match="a gap before this row"):
+        load_trace(d, positions=True)
+
+
+@pytest.mark.parametrize(("cut", "needle"), [(lambda df: df.head(df.height - 1), "rows end at pos"),
+                                            (lambda df: df.slice(1), "rows start at pos 1, not 0")])
+def test_a_positions_table_holds_every_position(copy, cut, needle):
+    d = copy()
+    _map_table(d, "positions-00001.parquet", cut)
+    with pytest.raises(TraceFormatError, match=needle):
+        load_trace(d, positions=True)
+
+
 def test_unsealed_damage_is_caught_by_the_checksums(copy):
     d = copy()
     f = d / "attn-00002.parquet"

@@ -19,10 +19,12 @@ Value rules (each violation is a one-line :class:`TraceFormatError`):
   never go back; a step starts after the previous one finished.
 * attention (and positions): rows ordered by (step, layer, block), each once
   (a block without a row holds 0); steps of this chunk, layers of the model,
-  blocks inside the step's context, and in every step some layer puts mass on
-  the last visible block (the newest token attends to itself), so
-  ``block_tokens`` covers the positions; mass finite in [0, 1]; each
-  (step, layer) sums to 1 within
+  blocks inside the step's context; each (step, layer) has rows for one
+  unbroken range of blocks that ends at the step's last visible block (the
+  newest token attends to itself; a sliding window only cuts blocks off the
+  front), so ``block_tokens`` covers the positions and no row inside the range
+  can go missing unnoticed; positions tables hold every position from 0; mass
+  finite in [0, 1]; each (step, layer) sums to 1 within
   :data:`MASS_SUM_TOLERANCE` (softmax rows sum to 1; float32 rounding stays
   below 1e-6 in recorded traces).
 """
@@ -318,7 +320,8 @@ class MassCheck:
         self.hi = -(-ctx // width)  # visible blocks (positions) after each step
         self.sums = np.zeros(self.n * self.L, dtype=np.float64)
         self.seen = np.zeros(self.n * self.L, dtype=bool)
-        self.has_last = np.zeros(self.n, dtype=bool)
+        self.first_idx = np.full(self.n * self.L, -1, dtype=np.int64)  # first and last row of each (step, layer)
+        self.last_idx = np.full(self.n * self.L, -1, dtype=np.int64)
         self.prev: tuple[int, int, int] | None = None
         self.rows = 0
 
@@ -363,10 +366,18 @@ class MassCheck:
         bad = ~np.isfinite(mass) | (mass < 0) | (mass > 1 + MASS_SUM_TOLERANCE)
         if bad.any():
             raise fail(f"mass {float(mass[bad][0])!r} is not a probability in [0, 1]", bad)
+        bad = (ds == 0) & (dl == 0) & (di != 1)
+        if bad.any():
+            raise fail(f"a gap before this row: a (step, layer) holds one unbroken range of {self.unit}s "
+                       "(rows inside it are missing)", bad)
         group = s * self.L + layer
         self.sums += np.bincount(group, weights=mass.astype(np.float64), minlength=self.n * self.L)
+        start = np.concatenate([[True], group[1:] != group[:-1]])
+        end = np.concatenate([group[1:] != group[:-1], [True]])
+        fresh = start & ~self.seen[group]  # a group continued from the previous batch keeps its first row
+        self.first_idx[group[fresh]] = idx[fresh]
+        self.last_idx[group[end]] = idx[end]
         self.seen[group] = True
-        self.has_last[s[idx == self.hi[s] - 1]] = True
         self.prev = (int(s[-1]), int(layer[-1]), int(idx[-1]))
 
     def close(self) -> None:
@@ -384,9 +395,17 @@ class MassCheck:
                 f"step {first + g // L}, layer {g % L}: mass sums to {self.sums[g]:.6g}, not 1 "
                 f"(tolerance {MASS_SUM_TOLERANCE:g})"
             )
-        if not self.has_last.all():
-            i = int(np.flatnonzero(~self.has_last)[0])
+        last = np.repeat(self.hi - 1, L)
+        bad = self.last_idx != last
+        if bad.any():
+            g = int(np.flatnonzero(bad)[0])
             raise self.fail(
-                f"step {first + i}: no layer has mass in the step's last visible {self.unit} "
-                f"({int(self.hi[i]) - 1}): block_tokens does not cover the positions"
+                f"step {first + g // L}, layer {g % L}: rows end at {self.unit} {int(self.last_idx[g])}, not at the "
+                f"step's last visible {self.unit} ({int(last[g])}): rows are missing, or block_tokens does not "
+                "cover the positions"
             )
+        bad = self.first_idx != 0 if self.unit == "pos" else np.zeros(0, dtype=bool)
+        if bad.any():
+            g = int(np.flatnonzero(bad)[0])
+            raise self.fail(f"step {first + g // L}, layer {g % L}: rows start at pos {int(self.first_idx[g])}, "
+                            "not 0 (a positions table holds every position)")
