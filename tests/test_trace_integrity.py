@@ -158,6 +158,19 @@ def test_a_faint_row_missing_inside_a_range_is_caught(copy):
         load_trace(d, positions=True)
 
 
+def test_a_faint_first_row_missing_is_caught(copy):
+    """The front of a (step, layer)'s range: a full-attention layer reads from block 0."""
+    d = copy()
+    df = pl.read_parquet(d / "attn-00001.parquet")
+    g = pl.struct("step", "layer")
+    first = df.with_row_index().filter(g != g.shift(1)).sort("mass")
+    assert first["mass"][0] < 1e-4  # too faint for the sum rule: the range's start has to catch it
+    _map_table(d, "attn-00001.parquet",
+               lambda t: t.with_row_index().filter(pl.col("index") != first["index"][0]).drop("index"))
+    with pytest.raises(TraceFormatError, match="rows start at block 1, after the oldest block the step attends to"):
+        load_trace(d).mass  # noqa: B018
+
+
 @pytest.mark.parametrize(("cut", "needle"), [(lambda df: df.head(df.height - 1), "rows end at pos"),
                                             (lambda df: df.slice(1), "rows start at pos 1, not 0")])
 def test_a_positions_table_holds_every_position(copy, cut, needle):
@@ -276,6 +289,9 @@ def test_two_trace_runs_into_one_out(tiny_model, tmp_path):
     assert any(s in failed[0].stderr for s in ("being written by another", "not empty"))
     tr = load_trace(out)
     assert tr.complete and (tr.steps["phase"] == "decode").sum() == 64
+    said = " ".join(ok[0].stdout.split())  # what it reports, it wrote
+    assert f"{tr.n_steps} steps" in said and "64 decode steps" in said
+    assert "trace written" not in failed[0].stdout
     assert sorted(f.name for f in out.iterdir() if f.name.endswith(".tmp")) == []
 
 

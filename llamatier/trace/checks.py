@@ -20,10 +20,10 @@ Value rules (each violation is a one-line :class:`TraceFormatError`):
 * attention (and positions): rows ordered by (step, layer, block), each once
   (a block without a row holds 0); steps of this chunk, layers of the model,
   blocks inside the step's context; each (step, layer) has rows for one
-  unbroken range of blocks that ends at the step's last visible block (the
-  newest token attends to itself; a sliding window only cuts blocks off the
-  front), so ``block_tokens`` covers the positions and no row inside the range
-  can go missing unnoticed; positions tables hold every position from 0; mass
+  unbroken range of blocks from the oldest block the step's first query sees
+  (0, or the block of ``pos0 - sliding_window + 1`` on a sliding-window layer)
+  to the step's last visible block (the newest token attends to itself), so
+  ``block_tokens`` covers the positions and no row can go missing unnoticed; positions tables hold every position from 0; mass
   finite in [0, 1]; each (step, layer) sums to 1 within
   :data:`MASS_SUM_TOLERANCE` (softmax rows sum to 1; float32 rounding stays
   below 1e-6 in recorded traces).
@@ -147,6 +147,7 @@ class ChunkChecker:
         self.meta = meta
         self.where = str(trace_dir)
         self.carry = _Carry()
+        self.step_pos0: tuple[int, np.ndarray] | None = None
 
     def fail(self, chunk: ChunkRecord, table: str, rule: str) -> TraceFormatError:
         name = chunk.files[table].name if table in chunk.files else f"chunk {chunk.index}"
@@ -248,6 +249,7 @@ class ChunkChecker:
         c.seen_decode = bool(seen[-1]) if n else c.seen_decode
         c.prefill_tokens += int(n_tok[~dec].sum())
         c.decode_steps += int(dec.sum())
+        self.step_pos0 = (chunk.index, pos0.astype(np.int64))  # for the mass checks of this chunk
         return ctx
 
     def _check_tokens(self, fail, col, dec: np.ndarray, ctx: np.ndarray) -> None:  # noqa: ANN001
@@ -317,6 +319,7 @@ class MassCheck:
         self.n = chunk.n_steps
         self.first = chunk.first_step
         self.ctx = ctx
+        self.width = width
         self.hi = -(-ctx // width)  # visible blocks (positions) after each step
         self.sums = np.zeros(self.n * self.L, dtype=np.float64)
         self.seen = np.zeros(self.n * self.L, dtype=bool)
@@ -404,8 +407,24 @@ class MassCheck:
                 f"step's last visible {self.unit} ({int(last[g])}): rows are missing, or block_tokens does not "
                 "cover the positions"
             )
-        bad = self.first_idx != 0 if self.unit == "pos" else np.zeros(0, dtype=bool)
+        if self.unit == "pos":
+            bad = self.first_idx != 0
+            if bad.any():
+                g = int(np.flatnonzero(bad)[0])
+                raise self.fail(f"step {first + g // L}, layer {g % L}: rows start at pos {int(self.first_idx[g])}, "
+                                "not 0 (a positions table holds every position)")
+            return
+        pos0 = self.owner.step_pos0
+        if pos0 is None or pos0[0] != self.chunk.index:
+            return
+        window = np.asarray(self.owner.meta.model.geometry.sliding_window, dtype=np.int64)
+        # the first query sees back to pos0 - window + 1 on a sliding-window layer, to 0 on the others
+        oldest = np.where(window[None, :] > 0, np.maximum(pos0[1][:, None] - window[None, :] + 1, 0), 0)
+        start = (oldest // self.width).reshape(-1)
+        bad = self.first_idx > start
         if bad.any():
             g = int(np.flatnonzero(bad)[0])
-            raise self.fail(f"step {first + g // L}, layer {g % L}: rows start at pos {int(self.first_idx[g])}, "
-                            "not 0 (a positions table holds every position)")
+            raise self.fail(
+                f"step {first + g // L}, layer {g % L}: rows start at block {int(self.first_idx[g])}, after the "
+                f"oldest block the step attends to ({int(start[g])}): rows are missing"
+            )
