@@ -245,10 +245,15 @@ def hostile_value(value: Any, rnd: random.Random) -> Any:
 
 
 def _meta_field(d: Path, rnd: random.Random, *, seal: bool) -> str:
+    from llamatier.trace.schema import TraceMeta
+    from tests.schemawalk import declared_nullable
+
     meta = meta_of(d)
     path = rnd.choice([p for p in _leaves(meta) if p and p[-1] != "meta_sha256"])
     old = _get(meta, path)
     new = hostile_value(old, rnd)
+    while new is None and declared_nullable(TraceMeta, path):  # null is "not known" there: a valid file
+        new = hostile_value(old, rnd)
     _set(meta, path, new)
     write_meta(d, meta, seal=seal)
     return f"{'.'.join(map(str, path))}: {old!r} -> {new!r}"
@@ -397,7 +402,8 @@ def value_sealed(d: Path, rnd: random.Random) -> str:
     s = df[col].to_list()
     if not s:
         return f"{f.name} is empty: nothing changed"
-    if how == "x1000":
+    if how == "x1000":  # on the row of most mass: x1000 of a faint row can stay below the sum tolerance
+        i = max(range(len(s)), key=lambda k: s[k])
         s[i] = s[i] * 1000 if s[i] else 1000.0
     elif how == "+0.25":
         s[i] = s[i] + 0.25

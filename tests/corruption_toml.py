@@ -18,7 +18,6 @@ import json
 import math
 import random
 import tomllib
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from tests.corruption import (
     truncate,
     zero_range,
 )
+from tests.schemawalk import model_of
 
 # Keys whose value is free text: another string is a valid file, not a corrupt one.
 _FREE_TEXT = {"name", "description", "notes", "model_name", "fitted_on", "fitted_models", "kind"}
@@ -118,15 +118,6 @@ def field_hostile(d: Path, rnd: random.Random) -> str:
     return f"{'.'.join(map(str, path))}: {old!r} -> {new!r}"
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if (m := _model_of(arg)) is not None:
-            return m
-    return None
-
-
 def required_paths(model: type[BaseModel], doc: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """Keys of ``doc`` that ``model`` declares required (by the schema's structure alone)."""
     out = []
@@ -135,7 +126,7 @@ def required_paths(model: type[BaseModel], doc: dict[str, Any], prefix: tuple[st
             continue
         if info.is_required():
             out.append((*prefix, key))
-        sub = _model_of(info.annotation)
+        sub = model_of(info.annotation)
         if sub is not None and isinstance(doc[key], dict):
             out += required_paths(sub, doc[key], (*prefix, key))
     return out
