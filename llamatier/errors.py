@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+INTERRUPTED = "interrupted (Ctrl-C) before the command finished: run it again to complete it"
+
 
 class LlamatierError(Exception):
     """An error the CLI prints as one line (no traceback) and exits non-zero.

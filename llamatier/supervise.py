@@ -43,14 +43,24 @@ _PR_SET_PDEATHSIG = 1
 
 
 def main() -> None:
-    """Console-script entry point (``llamatier`` and ``python -m llamatier``)."""
-    if os.environ.get(ENV_CHILD):
-        _start_child()
-    elif _wants_supervision(sys.argv[1:]):
-        sys.exit(supervise())
-    from llamatier.cli import main as cli_main
+    """Console-script entry point (``llamatier`` and ``python -m llamatier``).
 
-    cli_main()
+    A Ctrl-C while the CLI is still importing (half a second of numpy, polars, rich ...)
+    stops with the same one line as one during a command.
+    """
+    try:
+        if os.environ.get(ENV_CHILD):
+            _start_child()
+        elif _wants_supervision(sys.argv[1:]):
+            sys.exit(supervise())
+        from llamatier.cli import main as cli_main
+
+        cli_main()
+    except KeyboardInterrupt:
+        from llamatier.errors import INTERRUPTED
+
+        sys.stderr.write(INTERRUPTED + "\n")
+        sys.exit(130)
 
 
 def _wants_supervision(args: list[str]) -> bool:

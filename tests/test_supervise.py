@@ -152,3 +152,45 @@ def test_ctrl_c_inside_a_python_capture_callback_stops_the_decode(tiny_model) ->
             ctx.decode([tokens[-1]], len(tokens) + 1)  # raised once: the next step runs
         finally:
             ctx.close()
+
+
+_INTERRUPT_AT_IMPORT = """
+import sys
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == "polars":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Finder())
+sys.argv = ["llamatier", "inspect", "no-such-trace"]
+from llamatier.supervise import main
+main()
+"""
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line() -> None:
+    """A Ctrl-C in the half second of imports (numpy, polars, rich) before any command runs."""
+    p = subprocess.run([sys.executable, "-c", _INTERRUPT_AT_IMPORT], capture_output=True, text=True, timeout=60,
+                       cwd=str(REPO))
+    assert p.returncode == 130
+    assert_one_line_error(p, "interrupted (Ctrl-C) before the command finished")
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.05, 0.1, 0.2])
+def test_ctrl_c_around_the_model_load_is_one_line(tiny_model, tmp_path, delay_s) -> None:
+    """After the --out claim: the repack probe (fresh cache), the load, the first steps; always one line, 130."""
+    out = tmp_path / "t"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamatier", "trace", str(tiny_model), "--prompt", TINY_PROMPT, "-n", "6000",
+         "--ctx", "8192", "--out", str(out)],
+        cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "COLUMNS": "200", "LLAMATIER_CACHE": str(tmp_path / "cache")},
+    )
+    t0 = time.time()
+    while not (out / ".llamatier-writer.lock").exists():
+        assert proc.poll() is None and time.time() - t0 < 120, "the trace ended before it could be interrupted"
+        time.sleep(0.005)
+    time.sleep(delay_s)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), "interrupted")

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from llamatier.errors import LlamatierDeprecationWarning, LlamatierError
+from llamatier.errors import INTERRUPTED, LlamatierDeprecationWarning, LlamatierError
 
 try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -95,10 +95,7 @@ def cli_errors(fn: F) -> F:
         except LlamatierError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            err_console.print(
-                "interrupted (Ctrl-C) before the command finished: run it again to complete it",
-                highlight=False, soft_wrap=True,
-            )
+            err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except MemoryError:
             fail("out of memory: use a smaller trace, fewer steps or a coarser --block-tokens", 3)
