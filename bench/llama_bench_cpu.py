@@ -4,13 +4,13 @@ Runs llama.cpp's own llama-bench on Gemma 3 270M (or --model) once per depth, al
 the depths the fit uses with the held-out ones so that slow drift of the machine's speed
 hits both sets alike, and appends every row (llama-bench -o jsonl) to one file:
 
-    /work/bin/quiet .venv/bin/python bench/llama_bench_cpu.py --llama-bench PATH/llama-bench \\
+    .venv/bin/python bench/llama_bench_cpu.py --llama-bench PATH/llama-bench \\
         --out bench/results/llama-bench-cpu/avx2.jsonl
 
 Each call of llama-bench: -p 512 -n 64 -d DEPTH -t 1,2 -r 3 (stock settings: flash attention
 auto, no --swa-full). Fit depths 0, 1024, 3072; held-out depths 512, 2048 (interleaved in that
 order: 0, 512, 1024, 2048, 3072). `bench/bench_llama_bench_cpu.py` fits and validates.
-About four minutes on 2 idle cores; run it under /work/bin/quiet (or on an idle machine).
+About four minutes on 2 idle cores; run it on an idle machine (nothing else using the cores).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ Calibrate the host model for the server's batches (llama-cpp-python timing serve
 batches of several sequences, plus a one-slot llama-server run for its per-token work;
 run it alone on the machine):
 
-    /work/bin/quiet .venv/bin/python bench/serving_truth.py calibrate [--llama-server PATH] [--out PROFILE]
+    .venv/bin/python bench/serving_truth.py calibrate [--llama-server PATH] [--out PROFILE]
 
 Measure (starts a fresh llama-server per case; run it alone on the machine):
 
-    /work/bin/quiet .venv/bin/python bench/serving_truth.py measure [--cases u1-np1-prefix,u4-np2-prefix] \
+    .venv/bin/python bench/serving_truth.py measure [--cases u1-np1-prefix,u4-np2-prefix] \
         [--llama-server PATH | --cache-dir DIR [--portable]] [--results DIR]
 
 Compare (no server: predicts every saved case and prints measured vs predicted):
