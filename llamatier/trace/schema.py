@@ -18,12 +18,11 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from llamatier.errors import LlamatierError
 from llamatier.kvtypes import KV_TYPES, kv_type
 from llamatier.model import KVGeometry, ModelInfo
-from llamatier.schema import Count, Open, Positive, Strict
+from llamatier.schema import MAX_BYTES, Count, Open, Positive, Strict
 from llamatier.trace.format import chunk_name
 
 _MAX_LAYERS = 4096
 _MAX_CTX = 1 << 31  # positions are stored as uint32
-_MAX_BYTES = 1 << 60  # 1 EiB: larger than any model or KV cache
 _SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -61,8 +60,8 @@ class ModelMeta(Open):
     n_ff: Count
     n_vocab: Count
     n_ctx_train: Annotated[int, Field(ge=0, le=_MAX_CTX)]
-    weight_bytes: Annotated[int, Field(ge=1, le=_MAX_BYTES)]
-    n_params: Annotated[int, Field(ge=1, le=_MAX_BYTES)]
+    weight_bytes: Annotated[int, Field(ge=1, le=MAX_BYTES)]
+    n_params: Annotated[int, Field(ge=1, le=MAX_BYTES)]
     geometry: GeometryMeta
     swa_source: str = "none"
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -118,8 +117,8 @@ class ContextMeta(Open):
     temperature: Annotated[float, Field(ge=0, le=1e6)] = 0.0
     top_k: Count = 0
     stop_at_eos: bool = False
-    kv_bytes_per_token: Annotated[int, Field(ge=0, le=_MAX_BYTES)] | None = None
-    kv_cache_bytes: Annotated[int, Field(ge=0, le=_MAX_BYTES)] | None = None
+    kv_bytes_per_token: Annotated[int, Field(ge=0, le=MAX_BYTES)] | None = None
+    kv_cache_bytes: Annotated[int, Field(ge=0, le=MAX_BYTES)] | None = None
 
     @field_validator("type_k", "type_v", mode="before")
     @classmethod
@@ -159,7 +158,7 @@ class MachineMeta(Open):
     machine: str = ""
     cores_online: Annotated[int, Field(ge=0, le=1 << 20)] | None = None
     cores_usable: Annotated[int, Field(ge=0, le=1 << 20)] | None = None
-    ram_bytes: Annotated[int, Field(ge=0, le=_MAX_BYTES)] | None = None
+    ram_bytes: Annotated[int, Field(ge=0, le=MAX_BYTES)] | None = None
     os: str = ""
     python: str = ""
     hostname: str = ""
