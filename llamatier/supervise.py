@@ -191,13 +191,6 @@ def _wait(proc: subprocess.Popen, r: int, pending: dict[int, float]) -> None:
             os.close(fd)
 
 
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
 def _mark_trace(trace_dir: str | None, error: str) -> tuple[str, int] | None:
     """Record ``error`` in an unfinished trace's meta.json; (dir, completed steps) or None."""
     if not trace_dir:
@@ -223,9 +216,9 @@ def _mark_trace(trace_dir: str | None, error: str) -> tuple[str, int] | None:
 
 def crash_message(signum: int, notes: dict[str, Any]) -> tuple[str, str]:
     """(cause, workaround) for a child that died of ``signum``, from the crash log's notes."""
-    name = _signal_name(signum)
-    from llamatier.engines.llamacpp.repack import CRASH_SIGNALS, ENV_VAR
+    from llamatier.engines.llamacpp.repack import CRASH_SIGNALS, ENV_VAR, signal_name
 
+    name = signal_name(signum)
     if signum == signal.SIGKILL:
         return (f"the command was killed ({name}), perhaps by the system's out-of-memory killer",
                 "free memory, or use a smaller model, --ctx or --n-predict")
@@ -256,20 +249,20 @@ def report_death(signum: int, log: Path | None) -> int:
     if signum == signal.SIGTERM:
         sys.stderr.write("error: stopped by SIGTERM before the command finished: run it again to complete it\n")
         return 128 + signum
+    from llamatier.engines.llamacpp.repack import CRASH_SIGNALS, record_crash, signal_name
+
     notes = crashlog.read_notes(log) if log is not None else {}
     cause, fix = crash_message(signum, notes)
     if log is not None:
         try:
             with log.open("a") as fh:
-                fh.write(f"llamatier: the command died of {_signal_name(signum)} at {time.strftime('%H:%M:%S')}\n")
+                fh.write(f"llamatier: the command died of {signal_name(signum)} at {time.strftime('%H:%M:%S')}\n")
         except OSError:
             pass
     details = f"details in {log}" if log is not None and log.exists() else "no crash log could be written"
     trace = _mark_trace(notes.get("trace_dir"), f"{cause}; {details}")
-    from llamatier.engines.llamacpp.repack import CRASH_SIGNALS, record_crash
-
     if signum in CRASH_SIGNALS and notes.get("repack") and notes.get("repack_key"):
-        record_crash(notes["repack_key"], _signal_name(signum))
+        record_crash(notes["repack_key"], signal_name(signum))
     parts = [cause, fix]
     if trace is not None:
         parts.append(f"the trace in {trace[0]} keeps its {trace[1]} completed steps and is marked incomplete")
