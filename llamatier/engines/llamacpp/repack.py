@@ -40,6 +40,7 @@ from typing import Any
 
 from llamatier.cachedir import cache_dir
 from llamatier.errors import LlamatierError
+from llamatier.outpaths import atomic_write_bytes
 
 ENV_VAR = "LLAMATIER_NO_REPACK"
 VERDICTS_FILE = "repack-verdicts.json"
@@ -212,9 +213,7 @@ def save_verdict(key: str, verdict: str, detail: str, **extra: Any) -> None:
     path = _verdicts_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "verdicts": verdicts}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps({"version": 1, "verdicts": verdicts}, indent=1).encode())
     except OSError:
         pass
 
