@@ -28,6 +28,14 @@ def _ram_bytes() -> int:
     return 0
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, RAM, OS and Python of this machine."""
     try:

@@ -27,9 +27,10 @@ def demo(
 ) -> None:
     """Trace Gemma 3 270M (from the `demo` extra) on a built-in workload and print every report."""
     from llamatier.cli.sweep_cmd import _print_tables
-    from llamatier.cli.trace_cmd import _default_threads, run_with_progress
+    from llamatier.cli.trace_cmd import run_with_progress
     from llamatier.demo import builtin_prompt, demo_model_path
     from llamatier.hardware import load_profile
+    from llamatier.machine import usable_cores
     from llamatier.replay import ReplayOptions, compare
     from llamatier.replay.report import compare_renderables, print_renderables
     from llamatier.sweep import make_cells, parse_budgets, rows_frame, run_cells
@@ -51,7 +52,7 @@ def demo(
     cfg = TraceConfig(
         model_path=model, out_dir=out, prompt=builtin_prompt(), prompt_source="builtin:workload.txt",
         n_predict=n_predict, n_ctx=2048, n_batch=512,
-        n_threads=threads if threads is not None else _default_threads(),
+        n_threads=threads if threads is not None else usable_cores(),
         command=f"llamatier demo --out {out}",
         engine_options={} if repack is None else {"repack": repack},
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -15,16 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llamatier.cli.app import RepackOpt, app, cli_errors, console, print_json
 from llamatier.engines import ENGINES
 from llamatier.errors import LlamatierError
+from llamatier.machine import usable_cores
 
 if TYPE_CHECKING:
     from llamatier.trace.tracer import TraceConfig, TraceSummary
-
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return max(1, os.cpu_count() or 1)
 
 
 def run_with_progress(cfg: TraceConfig) -> TraceSummary:
@@ -112,7 +105,7 @@ def trace(
         n_predict=n_predict,
         n_ctx=ctx,
         n_batch=batch,
-        n_threads=threads if threads is not None else _default_threads(),
+        n_threads=threads if threads is not None else usable_cores(),
         type_k=type_k,
         type_v=type_v,
         block_tokens=block_tokens,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import os
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 
 from llamatier.errors import LlamatierError, ModelLoadError
 from llamatier.kvtypes import KVType
+from llamatier.machine import usable_cores
 
 _GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _LOG_LINES: deque[tuple[int, int, str]] = deque(maxlen=200)  # (sequence number, level, text)
@@ -128,14 +128,6 @@ class ContextSettings:
     seed: int = 42
     n_seq_max: int = 1  # sequences the context holds (a second one serves as a per-step view of the first)
     kv_unified: bool = False  # one KV buffer for all sequences: copying a sequence only tags cells, no data moves
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _model_buffers_mib(since: int) -> dict[str, float]:
