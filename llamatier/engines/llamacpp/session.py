@@ -156,7 +156,7 @@ class LlamaModel:
         from llamatier import crashlog
         from llamatier.engines.llamacpp.repack import decide_repack
 
-        mark = _install_logger()
+        _install_logger()
         self.path = Path(path)
         self.repack = decide_repack(self.path, n_threads=n_threads or usable_cores(), n_gpu_layers=n_gpu_layers,
                                     requested=repack)
@@ -167,7 +167,7 @@ class LlamaModel:
         mp.n_gpu_layers = n_gpu_layers
         mp.use_mmap = True
         mp.use_extra_bufts = self.repack.use_extra_bufts
-        mark = _log_mark()
+        mark = _log_mark()  # the load's own log lines, after whatever deciding the repacking logged
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if _PENDING_INTERRUPT[0]:  # Ctrl-C during the load: free what was loaded, then stop
             if ptr:
