@@ -1,8 +1,9 @@
 """The declared schema of a trace's ``meta.json`` (pydantic).
 
-Types, physical ranges, enums and cross-field rules; :func:`parse_meta` gives a
-one-line error naming the file, the field and the rule. Keys the schema does not
-declare are kept where a section is open to additions (``model.extra``,
+Types, physical ranges, enums and cross-field rules.
+:func:`llamatier.trace.reader.read_trace_meta` checks a file against :class:`TraceMeta`
+and gives a one-line error naming the file, the field and the rule. Keys the schema
+does not declare are kept where a section is open to additions (``model.extra``,
 ``system_info``, ``machine``, ``capture``, what newer writers add at the top level).
 """
 
