@@ -34,7 +34,7 @@ from llamatier.llamabench.hostfit import (
     host_rows,
     predict_bench_rows,
 )
-from llamatier.llamabench.models import find_gpu_spec, gpu_spec_by_name
+from llamatier.llamabench.models import gpu_spec_by_name
 from llamatier.llamabench.reader import read_llama_bench
 from llamatier.model import read_model_info
 
@@ -203,7 +203,3 @@ def published_gpu_rows():  # noqa: ANN201
     """The committed ground-truth set (llamatier/data/llama_bench_published.csv) as GPU rows."""
     path = Path(__file__).resolve().parent.parent / "data" / "llama_bench_published.csv"
     return gpu_rows(read_llama_bench(path))
-
-
-def spec_for(gpu_info: str):  # noqa: ANN201
-    return find_gpu_spec(gpu_info)

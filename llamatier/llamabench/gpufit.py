@@ -34,7 +34,7 @@ from llamatier.hardware.gpumodel import (
     work_of_test,
 )
 from llamatier.kvtypes import kv_type
-from llamatier.llamabench.models import find_gpu_spec, gpu_spec, row_model, weight_class
+from llamatier.llamabench.models import find_gpu_spec, row_model, weight_class
 from llamatier.llamabench.reader import RowsFit, format_test
 from llamatier.target import TargetModel
 
@@ -333,8 +333,3 @@ def nkvo_ratios(preds: Sequence[RowPrediction]) -> list[tuple[str, str, str, flo
 def model_family(model_type: str) -> str:
     """``"llama 7B Q4_0"`` -> ``"llama 7B"`` (architecture and size: the geometry)."""
     return " ".join(str(model_type).split()[:2])
-
-
-def gpu_of(name: str) -> str:
-    """The gpu_specs.toml name of a gpu_info string (for messages)."""
-    return gpu_spec(name).name

@@ -59,16 +59,6 @@ class BatchSettings:
     swa_full: bool = False
 
 
-def server_prompt_chunks(n_new: int, n_batch: int = 2048, n_ubatch: int = 512, checkpoints: bool = True) -> list[int]:
-    """How llama-server splits ``n_new`` prompt tokens of a slot alone into batches."""
-    chunks: list[int] = []
-    while n_new > 0:
-        k = prompt_chunk(n_new, n_batch, n_batch=n_batch, n_ubatch=n_ubatch, checkpoints=checkpoints)
-        chunks.append(k)
-        n_new -= k
-    return chunks
-
-
 def default_program(s: BatchSettings) -> list[list[tuple[int, int, bool]]]:
     """Batches as lists of (sequence, new tokens, logits for the last): what a server forms.
 

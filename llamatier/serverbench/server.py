@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from types import TracebackType
 
@@ -134,7 +133,3 @@ class LlamaServer:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
-
-    def wait_idle(self, seconds: float) -> None:
-        """Let the server settle (its loop is idle between runs)."""
-        time.sleep(seconds)

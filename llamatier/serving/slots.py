@@ -303,6 +303,3 @@ class Slots:
     def cache_bytes(self) -> float:
         """Bytes held by the prompt cache now."""
         return self._cache_bytes()
-
-    def cache_tokens(self) -> int:
-        return int(sum(e.n_tokens for e in self.cache))

@@ -242,9 +242,6 @@ class SessionTieringPolicy(PagedPolicy):
             for t in np.unique(src).tolist():
                 self.store_lower(DRAM, [i for i, x in zip(staged, src.tolist(), strict=True) if x == t], int(t))
 
-    def _session_of(self, block_id: int) -> int:
-        return (block_id - self.n_prefix) // self.max_blocks if block_id >= self.n_prefix else -1
-
     def release(self, req: Request) -> None:
         ids = self.seq_ids[req.rid]
         super().release(req)
