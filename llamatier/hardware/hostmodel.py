@@ -117,6 +117,15 @@ def attended_cells(n_kv: np.ndarray, pad_cells: int, n_ctx: np.ndarray | int | N
     return np.where(np.asarray(swa_full, dtype=bool), padded, mixed)
 
 
+def kernel_counts(n_tokens: np.ndarray, n_outputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Counts of the CPU-repacked matrix kernels (see module docstring) for rows of ``n_tokens`` and logits rows."""
+    nt = np.asarray(n_tokens, dtype=np.float64)
+    out = np.asarray(n_outputs, dtype=np.float64)
+    return {"gemm": (nt >= 4).astype(np.float64), "gemv": (nt % 4 > 0).astype(np.float64), "gemv_rows": nt % 4,
+            "logits_gemm": (out >= 4).astype(np.float64), "logits_gemv": (out % 4 > 0).astype(np.float64),
+            "logits_gemv_rows": out % 4}
+
+
 def design_matrix(
     terms: tuple[str, ...],
     *,
@@ -136,10 +145,7 @@ def design_matrix(
     n = nt.shape[0]
     out = np.ones(n) if n_outputs is None else np.asarray(n_outputs, dtype=np.float64)
     counts = {"step": np.ones(n), "output": out, "token": nt, "kv": nkv, "token_kv": nt * nkv,
-              "sample": np.zeros(n),
-              "gemm": (nt >= 4).astype(np.float64), "gemv": (nt % 4 > 0).astype(np.float64), "gemv_rows": nt % 4,
-              "logits_gemm": (out >= 4).astype(np.float64), "logits_gemv": (out % 4 > 0).astype(np.float64),
-              "logits_gemv_rows": out % 4}
+              "sample": np.zeros(n), **kernel_counts(nt, out)}
     return design_from_counts(terms, counts, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
 
 

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llamatier.hardware.hostmodel import kernel_counts
+
 KV_PAD_CELLS = 256  # llama_kv_cache::get_n_kv pads to max(n_pad, 256)
 COUNT_TERMS = ("step", "output", "token", "kv", "token_kv", "gemm", "gemv", "gemv_rows",
                "logits_gemm", "logits_gemv", "logits_gemv_rows")
@@ -155,10 +157,5 @@ def ubatch_counts(segments: list[Segment], layout: KVLayout) -> dict[str, np.nda
         c["token"][u] = n_tok
         c["kv"][u] = kv
         c["token_kv"][u] = tkv
-        c["gemm"][u] = 1.0 if n_tok >= 4 else 0.0
-        c["gemv"][u] = 1.0 if n_tok % 4 else 0.0
-        c["gemv_rows"][u] = n_tok % 4
-        c["logits_gemm"][u] = 1.0 if outs >= 4 else 0.0  # the output matrix multiplies the logits rows only
-        c["logits_gemv"][u] = 1.0 if outs % 4 else 0.0
-        c["logits_gemv_rows"][u] = outs % 4
+    c.update(kernel_counts(c["token"], c["output"]))  # the output matrix multiplies the logits rows only
     return c
