@@ -53,36 +53,55 @@ LOOKUP_KEYS = (
 _META_COLUMNS = ("model", "model_file", "n_tokens", "flash_attn", "text_source", "text_sha256")
 
 
-def result_to_dict(result: QualityResult) -> dict[str, Any]:
-    """The JSON document for a result (no per-position arrays)."""
+def _document(format_name: str, result: QualityResult | EvictionResult) -> dict[str, Any]:
+    """The JSON document of a quality or eviction result: format, version, run metadata and rows."""
     return {
-        "format": FORMAT_NAME,
+        "format": format_name,
         "version": FORMAT_VERSION,
         "meta": result.meta(),
         "rows": [asdict(r) for r in result.rows],
     }
 
 
-def rows_frame(result: QualityResult) -> pl.DataFrame:
-    """One row per pair, with the run's identifying metadata repeated as columns."""
+def _frame(result: QualityResult | EvictionResult, meta_columns: tuple[str, ...]) -> pl.DataFrame:
+    """One row per result row, with the run's ``meta_columns`` repeated as columns."""
     meta = result.meta()
     frame = pl.DataFrame([asdict(r) for r in result.rows])
-    return frame.with_columns([pl.lit(meta[c]).alias(c) for c in _META_COLUMNS])
+    return frame.with_columns([pl.lit(meta[c]).alias(c) for c in meta_columns])
+
+
+def _save(
+    result: QualityResult | EvictionResult, out_dir: str | Path, *, what: str, doc: dict[str, Any],
+    meta_columns: tuple[str, ...], files: tuple[str, str, str],
+) -> list[Path]:
+    """Write ``doc`` (JSON), the rows (Parquet) and the per-position rows if any; return the paths."""
+    out = make_output_dir(out_dir, "--out")
+    paths = [out / files[0], out / files[1]]
+    try:
+        paths[0].write_text(json.dumps(doc, indent=2) + "\n")
+        _frame(result, meta_columns).write_parquet(paths[1])
+        if result.positions is not None:
+            paths.append(out / files[2])
+            result.positions.write_parquet(paths[2])
+    except OSError as exc:
+        raise LlamatierError(f"cannot write {what} results to {out}: {exc.strerror or exc}") from None
+    return paths
+
+
+def result_to_dict(result: QualityResult) -> dict[str, Any]:
+    """The JSON document for a result (no per-position arrays)."""
+    return _document(FORMAT_NAME, result)
+
+
+def rows_frame(result: QualityResult) -> pl.DataFrame:
+    """One row per pair, with the run's identifying metadata repeated as columns."""
+    return _frame(result, _META_COLUMNS)
 
 
 def save_quality(result: QualityResult, out_dir: str | Path) -> list[Path]:
     """Write quality.json, quality.parquet and quality_positions.parquet; return their paths."""
-    out = make_output_dir(out_dir, "--out")
-    paths = [out / JSON_FILE, out / PARQUET_FILE]
-    try:
-        paths[0].write_text(json.dumps(result_to_dict(result), indent=2) + "\n")
-        rows_frame(result).write_parquet(paths[1])
-        if result.positions is not None:
-            paths.append(out / POSITIONS_FILE)
-            result.positions.write_parquet(paths[2])
-    except OSError as exc:
-        raise LlamatierError(f"cannot write quality results to {out}: {exc.strerror or exc}") from None
-    return paths
+    return _save(result, out_dir, what="quality", doc=result_to_dict(result), meta_columns=_META_COLUMNS,
+                 files=(JSON_FILE, PARQUET_FILE, POSITIONS_FILE))
 
 
 def _bad_file(p: Path, why: str) -> LlamatierError:
@@ -151,29 +170,13 @@ EVICTION_KEYS = ("policy", "keep_blocks", "mean_kl", "p99_kl", "top1_agreement",
 
 def eviction_to_dict(result: EvictionResult) -> dict[str, Any]:
     """The JSON document for an eviction result (no per-step arrays)."""
-    return {
-        "format": EVICTION_FORMAT,
-        "version": FORMAT_VERSION,
-        "meta": result.meta(),
-        "rows": [asdict(r) for r in result.rows],
-    }
+    return _document(EVICTION_FORMAT, result)
 
 
 def save_eviction(result: EvictionResult, out_dir: str | Path) -> list[Path]:
     """Write eviction.json, eviction.parquet and eviction_positions.parquet; return their paths."""
-    out = make_output_dir(out_dir, "--out")
-    paths = [out / EVICTION_JSON, out / EVICTION_PARQUET]
-    meta = result.meta()
-    try:
-        paths[0].write_text(json.dumps(eviction_to_dict(result), indent=2) + "\n")
-        frame = pl.DataFrame([asdict(r) for r in result.rows])
-        frame.with_columns([pl.lit(meta[c]).alias(c) for c in _EVICTION_META_COLUMNS]).write_parquet(paths[1])
-        if result.positions is not None:
-            paths.append(out / EVICTION_POSITIONS)
-            result.positions.write_parquet(paths[2])
-    except OSError as exc:
-        raise LlamatierError(f"cannot write eviction results to {out}: {exc.strerror or exc}") from None
-    return paths
+    return _save(result, out_dir, what="eviction", doc=eviction_to_dict(result), meta_columns=_EVICTION_META_COLUMNS,
+                 files=(EVICTION_JSON, EVICTION_PARQUET, EVICTION_POSITIONS))
 
 
 def load_eviction_rows(path: str | Path) -> pl.DataFrame:
