@@ -70,12 +70,10 @@ def run_calibrate(paths: Sequence[Path], out: Path, *, base: str | None, name: s
                   geometry: str | None, model: str | None, partial: bool, json_out: bool) -> None:
     """Fit, write the profile, print the fit."""
     from llamatier.calibrate import write_calibrated_profile
-    from llamatier.hardware import load_profile
 
     profile, cal = calibrate_from_llama_bench(paths, base=base, name=name, gpu=gpu, geometry=geometry,
                                               model=model, partial=partial)
-    base_source = load_profile(base).source if base else ""
-    path = write_calibrated_profile(profile, out, base_source=base_source)
+    path = write_calibrated_profile(profile, out)  # the profile keeps its base's source path
     if cal.kind == "gpu":
         fit = cal.gpu_fit
         if json_out:
