@@ -7,11 +7,11 @@ no files, no printing. ``compare`` runs several policies on the same inputs.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llamatier.cost import CostModel
+from llamatier.cost import CostModel, StepCosts
 from llamatier.hardware import Profile
 from llamatier.policies import Policy, make_policy
 from llamatier.replay.context import ReplayContext, prepare
@@ -65,14 +65,29 @@ def cost_model_for(ctx: ReplayContext, record: EngineRecord, *, trace_steps: boo
     return model, notes
 
 
-def finish(ctx: ReplayContext, policy: Policy, record: EngineRecord, t_start: float) -> ReplayResult:
-    """Cost a replay's counts and wrap everything in a ReplayResult (shared by both engines)."""
+def _evaluate(model: CostModel, record: EngineRecord) -> StepCosts:
+    return model.evaluate(record.traffic)
+
+
+def finish(
+    ctx: ReplayContext,
+    policy: Policy,
+    record: EngineRecord,
+    t_start: float,
+    *,
+    costs_for: Callable[[CostModel, EngineRecord], StepCosts] = _evaluate,
+) -> ReplayResult:
+    """Cost a replay's counts and wrap everything in a ReplayResult (shared by both engines).
+
+    ``costs_for(model, record)`` prices the counts (default: the cost model's own
+    vectorised evaluation; the reference engine passes its scalar formulas).
+    """
     notes = list(ctx.notes)
     costs = None
     if record.start.runs:
         model, more = cost_model_for(ctx, record)
         notes += more
-        costs = model.evaluate(record.traffic)
+        costs = costs_for(model, record)
     o = ctx.options
     return ReplayResult(
         policy=policy.name,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llamatier.cost import StepCosts, StepTraffic
+from llamatier.cost import CostModel, StepCosts, StepTraffic
 from llamatier.errors import LlamatierError
 from llamatier.hardware import Profile
 from llamatier.hardware.gpumodel import replay_coefficients
@@ -23,7 +23,6 @@ from llamatier.policies.base import Policy, StepView, default_read_selection
 from llamatier.replay import (
     ReplayOptions,
     ReplayResult,
-    cost_model_for,
     finish,
     policy_for,
     prepare,
@@ -298,17 +297,12 @@ def replay_reference(
     trace: Trace, profile: Profile, policy: str | type[Policy] | Policy, options: ReplayOptions | None = None
 ) -> ReplayResult:
     """Same contract as :func:`llamatier.replay.replay`, computed the slow, obvious way."""
-    from dataclasses import replace
-
-
     t0 = time.perf_counter()
     options = options or ReplayOptions()
     ctx = prepare(trace, profile, options)
     pol = policy_for(policy, options)
-    record = run_reference(ctx, pol)
-    result = finish(ctx, pol, record, t0)
-    if not record.start.runs:
-        return result
-    model, _ = cost_model_for(ctx, record)
-    costs = reference_costs(ctx, record, profile, model.dram_reads, model.host_model_args)
-    return replace(result, costs=costs)
+
+    def costs_for(model: CostModel, record: EngineRecord) -> StepCosts:
+        return reference_costs(ctx, record, profile, model.dram_reads, model.host_model_args)
+
+    return finish(ctx, pol, run_reference(ctx, pol), t0, costs_for=costs_for)
