@@ -120,6 +120,18 @@ def policy_for(policy: str | type[Policy] | Policy, options: ReplayOptions) -> P
     return make_policy(policy, **options.policy_params.get(str(name).lower(), {}))
 
 
+def replay_prepared(
+    ctx: ReplayContext, policy: str | type[Policy] | Policy, *, t_start: float | None = None
+) -> ReplayResult:
+    """Replay an already prepared context under ``policy`` (for callers that also read ``ctx``).
+
+    ``t_start``: when the replay's wall time began (default: now).
+    """
+    t0 = time.perf_counter() if t_start is None else t_start
+    pol = policy_for(policy, ctx.options)
+    return finish(ctx, pol, run_vectorised(ctx, pol), t0)
+
+
 def replay(
     trace: Trace,
     profile: Profile,
@@ -128,11 +140,8 @@ def replay(
 ) -> ReplayResult:
     """Replay ``trace`` on ``profile`` under ``policy`` (a name, class or instance)."""
     t0 = time.perf_counter()
-    options = options or ReplayOptions()
-    ctx = prepare(trace, profile, options)
-    pol = policy_for(policy, options)
-    record = run_vectorised(ctx, pol)
-    return finish(ctx, pol, record, t0)
+    ctx = prepare(trace, profile, options or ReplayOptions())
+    return replay_prepared(ctx, policy, t_start=t0)
 
 
 def compare(
@@ -146,9 +155,7 @@ def compare(
     results = []
     for p in policies:
         t0 = time.perf_counter()
-        ctx = prepare(trace, profile, options)
-        pol = policy_for(p, options)
-        results.append(finish(ctx, pol, run_vectorised(ctx, pol), t0))
+        results.append(replay_prepared(prepare(trace, profile, options), p, t_start=t0))
     return Comparison(results=tuple(results))
 
 
@@ -161,5 +168,6 @@ __all__ = [
     "compare",
     "prepare",
     "replay",
+    "replay_prepared",
     "summarize",
 ]

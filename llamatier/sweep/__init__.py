@@ -7,7 +7,7 @@ Parquet file (:func:`write_results`), one row per cell.
 """
 
 from llamatier.sweep.budgets import BudgetPoint, parse_budgets
-from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, peak_kv_bytes, run_cell, summary_row
+from llamatier.sweep.cells import ROW_SCHEMA, SweepCell, run_cell, summary_row
 from llamatier.sweep.cluster import DaskExecutor
 from llamatier.sweep.executors import (
     FuturesExecutor,
@@ -53,7 +53,6 @@ __all__ = [
     "make_cells",
     "parse_block_budgets",
     "parse_budgets",
-    "peak_kv_bytes",
     "read_results",
     "rows_frame",
     "run_cell",

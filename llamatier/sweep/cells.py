@@ -66,11 +66,6 @@ def cached_geometry(name: str) -> Any:
     return resolve_geometry(name)
 
 
-def peak_kv_bytes(ctx: Any) -> float:
-    """Most KV bytes the trace stores at once under a replay context: the 100% of a sweep's budget axis."""
-    return ctx.peak_kv_bytes()
-
-
 # -- the row: a fixed, typed set of columns --------------------------------------------------
 
 _F, _I, _S, _B = pl.Float64, pl.Int64, pl.Utf8, pl.Boolean
@@ -169,7 +164,7 @@ def run_cell(cell: SweepCell) -> dict[str, Any]:
     HBM) land in the row's ``error`` column, so one impossible combination does
     not stop a sweep; the caller decides what to do with them.
     """
-    from llamatier.replay import prepare, replay
+    from llamatier.replay import prepare, replay_prepared
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {name: None for name in ROW_SCHEMA if name != "cell"}
@@ -188,14 +183,14 @@ def run_cell(cell: SweepCell) -> dict[str, Any]:
         trace = cached_trace(resolve_trace(cell.trace_path, cell.trace_digest))
         row["traced_model"] = trace.model.name
         profile = cached_profile(cell.profile)
-        ctx = prepare(trace, profile, cell.replay_options(None))
+        # prepare resolves a percentage against this cell's own peak KV (its KV type, geometry, blocks)
+        t_replay = time.perf_counter()
+        ctx = prepare(trace, profile, o.with_hbm_budget(cell.hbm_budget))
         row["kv_type"] = f"{ctx.type_k.name}/{ctx.type_v.name}"
         row["block_tokens"] = ctx.block_tokens
-        kv_peak = peak_kv_bytes(ctx)
-        row["kv_peak_bytes"] = kv_peak
+        row["kv_peak_bytes"] = ctx.peak_kv_bytes()
         row["kv_n_ctx_bytes"] = float(ctx.reserved_bytes_per_layer().sum())
-        hbm = cell.hbm_budget.resolve_bytes(kv_peak)
-        result = replay(trace, profile, cell.policy, cell.replay_options(hbm))
+        result = replay_prepared(ctx, cell.policy, t_start=t_replay)
         row.update(summary_row(result.summary()))
         row["hbm_budget_bytes"] = row["budget_hbm_bytes"]
     except LlamatierError as exc:
