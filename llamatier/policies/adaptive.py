@@ -58,11 +58,11 @@ def top_k_indices(candidates: np.ndarray, priority: np.ndarray, k: int, *, large
 def stored_where(window: np.ndarray, c0: int, c1: int, n_blocks: int) -> np.ndarray:
     """Flat indices (layer * n_blocks + block) of the True cells of columns ``c0:c1`` of a
     [layers, n_blocks] mask, in the order ``np.flatnonzero`` gives them on the whole mask."""
-    if c0 == 0 and c1 == n_blocks:
-        return np.flatnonzero(window)
-    full = np.zeros((window.shape[0], n_blocks), dtype=bool)  # flatnonzero is ~10x faster than 2-D nonzero
-    full[:, c0:c1] = window
-    return np.flatnonzero(full)
+    idx = np.flatnonzero(window)  # row-major within the window: the same order (~10x faster than 2-D nonzero)
+    if idx.size == 0 or (c0 == 0 and c1 == n_blocks):
+        return idx
+    layer, col = np.divmod(idx, c1 - c0)
+    return layer * n_blocks + col + c0
 
 
 def prefix_fit(sizes: np.ndarray, room: float) -> int:
