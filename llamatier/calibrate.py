@@ -403,16 +403,26 @@ def calibrate_profile(
     return profile, fit
 
 
-def write_calibrated_profile(profile: Profile, path: str | Path, *, base_source: str = "") -> Path:
-    """Write a calibrated profile TOML (readable by ``load_profile`` and ``replay --profile``)."""
+TRACES_FIT_NOTE = (
+    "[compute.host_model] is fitted from measured llama_decode times of the traces it lists: "
+    "t = sum_j x_j * (serial_s_j + parallel_s_j / n_threads)."
+)
+
+
+def write_calibrated_profile(
+    profile: Profile, path: str | Path, *, base_source: str = "", kind: str = "host", fit_note: str = TRACES_FIT_NOTE
+) -> Path:
+    """Write a calibrated profile TOML (readable by ``load_profile`` and ``replay --profile``).
+
+    ``kind`` ("host" or "GPU") and ``fit_note`` say in the header what was fitted and from what data.
+    """
     hm = profile.compute.host_model
     header = (
-        f"Calibrated host profile written by `llamatier calibrate` "
+        f"Calibrated {kind} profile written by `llamatier calibrate` "
         f"({_dt.datetime.now(_dt.UTC).date().isoformat()}).\n"
         f"Tiers, links and compute rates are copied from the base profile {base_source or profile.source}:\n"
         "see that file for the source of every number.\n"
-        "[compute.host_model] is fitted from measured llama_decode times of the traces it lists: "
-        "t = sum_j x_j * (serial_s_j + parallel_s_j / n_threads).\n"
+        f"{fit_note}\n"
     )
     if hm is not None:
         header += (

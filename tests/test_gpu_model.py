@@ -145,6 +145,9 @@ def test_calibrate_and_validate_on_the_command_line(tmp_path):
     assert "wrote" in res.stdout and out.exists()
     prof = load_profile(out)
     assert prof.compute.gpu_model.fitted_on == ("RTX 4090",)
+    header = out.read_text().split("\n[", 1)[0]
+    assert "Calibrated GPU profile" in header and "llama-bench rows of RTX 4090" in header
+    assert "traces it lists" not in header
     res = run_cli("validate", "--llama-bench", str(bench), "--profile", str(out), "--json")
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)

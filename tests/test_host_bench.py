@@ -95,6 +95,8 @@ def test_calibrate_and_validate_cpu_rows_on_the_command_line(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "predicts: flash attention on" in res.stdout
     hm = load_profile(out).compute.host_model
+    header = out.read_text().split("\n[", 1)[0]
+    assert f"fitted on {fit_rows.height} llama-bench rows" in header and "traces it lists" not in header
     assert hm.flash_attn == (True,) and hm.swa_window == 512 and hm.model_name == "Gemma 3 270M"
     res = run_cli("validate", "--llama-bench", str(held_file), "--profile", str(out), "--json")
     assert res.returncode == 0, res.stderr

@@ -73,7 +73,16 @@ def run_calibrate(paths: Sequence[Path], out: Path, *, base: str | None, name: s
 
     profile, cal = calibrate_from_llama_bench(paths, base=base, name=name, gpu=gpu, geometry=geometry,
                                               model=model, partial=partial)
-    path = write_calibrated_profile(profile, out)  # the profile keeps its base's source path
+    if cal.kind == "gpu":
+        gm = cal.gpu_fit.model
+        kind, note = "GPU", (f"[compute.gpu_model] is fitted on {gm.n_rows} llama-bench rows of "
+                             f"{', '.join(gm.fitted_on)} (GPU step model, relative NNLS).")
+    else:
+        kind, note = "host", (f"[compute.host_model] is fitted on {len(cal.host_fit.rows)} llama-bench rows "
+                              "(a test = the sum of its llama_decode steps): "
+                              "t = sum_j x_j * (serial_s_j + parallel_s_j / n_threads).")
+    # the profile keeps its base's source path
+    path = write_calibrated_profile(profile, out, kind=kind, fit_note=note)
     if cal.kind == "gpu":
         fit = cal.gpu_fit
         if json_out:
