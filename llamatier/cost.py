@@ -176,9 +176,7 @@ class CostModel:
         compute_s = np.maximum(decode, batched)
         hbm_s = np.where(single, rc.weights * kv_hbm / bw, 0.0) + tr.write_bytes[:, :, HBM].sum(axis=1) / hbm.write_bytes_per_s
         host_bytes = w_layer * n_host + tr.read_bytes[:, host, :].sum(axis=(1, 2))
-        host_layers_s = host_bytes * rc.host_weights_s_per_byte + (rc.split_s if n_host else 0.0)
-        if n_host == 0:
-            host_layers_s = np.zeros_like(compute_s)
+        host_layers_s = host_bytes * rc.host_weights_s_per_byte + rc.split_s if n_host else np.zeros_like(compute_s)
         host_kv = below_b * rc.host_kv_s_per_byte
         if np.isfinite(rc.host_flops_s):  # prefill attention on the host is FLOP-bound when the fit says so
             read = tr.read_bytes.sum(axis=2)
