@@ -117,10 +117,6 @@ class ReplayContext:
         b = np.arange(self.n_blocks)
         return (b[None, :] >= self.lo_visible[step][:, None]) & (b[None, :] < self.hi_block[step])
 
-    def alive_mask(self, step: int) -> np.ndarray:
-        b = np.arange(self.n_blocks)
-        return (b[None, :] >= self.lo_alive[step][:, None]) & (b[None, :] < self.hi_block[step])
-
 
 def _peak_kv_bytes(hi_block: np.ndarray, lo_alive: np.ndarray, block_bytes: np.ndarray) -> float:
     if hi_block.size == 0:
